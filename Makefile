@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make run` and `make test` create .venv when it is missing and install the
+# project with the pinned set in constraints.txt. A second call skips the install (the stamp below is newer
+# than pyproject.toml and constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXP ?= digits_mlp
+ARGS ?=
+# Tests simulate 8 devices on the CPU.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: install run test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.run +exp=$(EXP) $(ARGS)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf runs multirun outputs .pytest_cache

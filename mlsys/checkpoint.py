@@ -1,0 +1,98 @@
+"""Checkpoints with orbax: the whole train state (params, optimizer state, step, RNG streams, batch statistics)
+and the grain iterator's position, saved asynchronously; restored onto any mesh from abstract sharded targets."""
+
+import logging
+import os
+import shutil
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from mlsys.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                        enable_async_checkpointing=not read_only)
+
+
+class Checkpointer:
+    """Saves into <run dir>/checkpoints. `save` returns once the arrays are copied; the write goes on behind."""
+
+    def __init__(self, run_dir: str, max_to_keep: int):
+        self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep))
+
+    def save(self, step: int, state, data_iter) -> None:
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=grain.checkpoint.CheckpointSave(data_iter)))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    d = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def find_run(resume: str, current_run_dir: str) -> str:
+    """The run dir `trainer.resume` names: a path, or "auto" = the newest other run of this experiment that has a
+    checkpoint (runs are siblings named by start time)."""
+    if resume == "auto":
+        parent = os.path.dirname(os.path.abspath(current_run_dir))
+        here = os.path.basename(os.path.abspath(current_run_dir))
+        runs = sorted(n for n in os.listdir(parent) if n != here and has_checkpoint(os.path.join(parent, n)))
+        if not runs:
+            raise CheckpointError(f"trainer.resume=auto: no earlier run with a checkpoint in {parent}; train one "
+                                  f"first, or give trainer.resume=<run dir>")
+        return os.path.join(parent, runs[-1])
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"trainer.resume={resume!r}: no such directory; give a run dir (runs/<exp>/<time>) "
+                              f"or trainer.resume=auto")
+    if not has_checkpoint(resume):
+        raise CheckpointError(f"trainer.resume={resume!r}: this run dir has no checkpoint (nothing in "
+                              f"{os.path.join(resume, 'checkpoints')}); resume a run that saved one")
+    return resume
+
+
+def restore(run_dir: str, abstract_state, data_iter):
+    """Restore the newest readable checkpoint of `run_dir` into shardings given by `abstract_state` (a tree of
+    jax.ShapeDtypeStruct with .sharding) and set `data_iter` to its saved position. An unreadable step (empty,
+    partly written, corrupt) is skipped with a warning in favour of the one before it."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=_options(read_only=True))
+    steps = sorted(manager.all_steps(), reverse=True)
+    errors = []
+    try:
+        for step in steps:
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+            except Exception as e:  # orbax raises many types for a damaged step; report and fall back
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                errors.append(f"step {step}: {reason}")
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying the one before", step, directory,
+                            reason)
+                continue
+            return out["state"], step
+    finally:
+        manager.close()
+    detail = "; ".join(errors) if errors else "no steps found"
+    raise CheckpointError(f"no readable checkpoint in {directory} ({detail}). If the model config differs from the "
+                          f"run's, use the run's config (see {os.path.join(run_dir, '.hydra/overrides.yaml')})")
+
+
+def abstract_like(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def remove(run_dir: str) -> None:
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

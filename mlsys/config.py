@@ -1,0 +1,203 @@
+"""Typed configs. Every Hydra group has a dataclass schema in the ConfigStore, so an unknown key or a wrong type
+fails when Hydra composes the config; `validate` then checks what types cannot (ranges, names, combinations,
+the mesh against the devices) before anything is compiled. Each message names the key, the value and a fix."""
+
+import secrets
+from dataclasses import dataclass, field, fields, is_dataclass
+from math import prod
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mlsys.data.sources import CONFIGS as DATA_CONFIGS
+from mlsys.errors import ConfigError
+from mlsys.models import REGISTRY
+from mlsys.models.cnn import NORMS, POOLS
+from mlsys.models.common import ACTIVATIONS, DTYPES
+from mlsys.models.gpt import POS_EMBS
+from mlsys.optim import DECAYS, OPTIMIZERS, OptimConfig
+from mlsys.parallel import MeshConfig, data_parallel_size, resolve_shape
+
+LOGGERS = ("wandb", "jsonl")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    log_every: int = 50  # steps between metric fetches (the only host syncs in the loop)
+    eval_every: int = 0  # 0 = evaluate at the end only
+    ckpt_every: int = 0  # 0 = checkpoint at the end only
+    max_to_keep: int = 3
+    resume: Optional[str] = None  # a run dir, or "auto" (the latest run of this experiment with a checkpoint)
+    sample_chars: int = 200  # language models: characters sampled and printed at the end
+    sample_temperature: float = 0.8
+    sample_top_k: int = 0  # 0 = the whole vocabulary
+    progress: bool = True  # a progress bar on stderr
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # one of LOGGERS; metrics.jsonl is written either way
+    project: str = "mlsys"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # None = offline, unless WANDB_MODE or WANDB_API_KEY is set
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = "default"  # experiment name: runs go to runs/<name>/
+    seed: int = 0
+    model: Any = MISSING  # typed by the chosen model's own schema (mlsys.models)
+    data: Any = MISSING  # typed by the chosen source's own schema (mlsys.data.sources)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    """Put every schema in Hydra's ConfigStore; conf/<group>/<option>.yaml files extend `<option>_schema`."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, (schema, _) in REGISTRY.items():
+        cs.store(group="model", name=f"{name}_schema", node=schema)
+    for name, schema in DATA_CONFIGS.items():
+        cs.store(group="data", name=f"{name}_schema", node=schema)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="mesh", name="mesh_schema", node=MeshConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    if not OmegaConf.has_resolver("mlsys.uid"):
+        # A run dir suffix unique even for two runs started in the same second. Hydra reads run.dir once.
+        OmegaConf.register_new_resolver("mlsys.uid", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def _reject_unknown_keys(node, path: str = "") -> None:
+    """`+group.key=value` adds keys that the schema lacks (Hydra forces the add), and OmegaConf.to_object would
+    drop them silently: a typo must not be ignored."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    for key in node.keys():
+        if known is not None and key not in known:
+            raise ConfigError(f"{path}{key}: no such key in {schema.__name__}; the keys are {sorted(known)}")
+        if OmegaConf.is_dict(node._get_node(key)):
+            _reject_unknown_keys(node[key], f"{path}{key}.")
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """The composed DictConfig as typed dataclass objects (lists and dicts as plain Python)."""
+    _reject_unknown_keys(cfg)
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed.model, tuple(s for s, _ in REGISTRY.values())):
+        raise ConfigError(f"model={typed.model!r} is not a known model config; select one with model=NAME, "
+                          f"NAME in {sorted(REGISTRY)}")
+    return typed
+
+
+def _check(ok: bool, key: str, value, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {fix}")
+
+
+def _one_of(key: str, value, options) -> None:
+    _check(value in options, key, value, f"must be one of {list(options)}")
+
+
+def data_task(data) -> str:
+    if data.name == "text":
+        return "lm"
+    if data.name == "synthetic":
+        return data.task
+    return "classify"
+
+
+def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
+    """Semantic checks that need no compilation. Raises ConfigError naming the key, the value and a fix."""
+    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
+    # trainer
+    _check(t.steps > 0, "trainer.steps", t.steps, "must be > 0, e.g. trainer.steps=1000")
+    _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be > 0, e.g. trainer.log_every=50")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = at the end only)")
+    _check(t.ckpt_every >= 0, "trainer.ckpt_every", t.ckpt_every, "must be >= 0 (0 = at the end only)")
+    _check(t.max_to_keep > 0, "trainer.max_to_keep", t.max_to_keep, "must be > 0")
+    _check(t.sample_chars >= 0, "trainer.sample_chars", t.sample_chars, "must be >= 0")
+    _check(t.sample_temperature > 0, "trainer.sample_temperature", t.sample_temperature, "must be > 0")
+    # optimizer
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("optim.decay", o.decay, DECAYS)
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0, e.g. optim.lr=1e-3")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _check(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", o.warmup_steps,
+           f"must be in [0, trainer.steps={t.steps})")
+    _check(o.decay_steps >= 0, "optim.decay_steps", o.decay_steps, "must be >= 0 (0 = trainer.steps)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
+    _check(0 < o.b1 < 1 and 0 < o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in (0, 1)")
+    # data
+    _one_of("data.name", d.name, DATA_CONFIGS)
+    _check(type(d) is DATA_CONFIGS[d.name], "data.name", d.name,
+           f"does not match the selected data group; select the source with data={d.name}")
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be > 0")
+    _check(d.eval_batch_size >= 0, "data.eval_batch_size", d.eval_batch_size, "must be >= 0 (0 = data.batch_size)")
+    _check(d.eval_batches >= 0, "data.eval_batches", d.eval_batches, "must be >= 0 (0 = the whole split)")
+    if d.name in ("text", "synthetic"):
+        _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    if d.name == "text":
+        _one_of("data.level", d.level, ("char", "byte"))
+    if d.name == "synthetic":
+        _one_of("data.task", d.task, ("lm", "classify"))
+    for key in ("val_fraction", "test_fraction"):
+        if hasattr(d, key):
+            _check(0 <= getattr(d, key) < 1, f"data.{key}", getattr(d, key), "must be in [0, 1)")
+    # model
+    _check(type(m) is REGISTRY.get(m.name, (None,))[0], "model.name", m.name,
+           f"does not match the selected model group; select the model with model=NAME, NAME in {sorted(REGISTRY)}")
+    task = data_task(d)
+    if m.name in ("mlp", "cnn"):
+        _check(task == "classify", "model", m.name, f"classifies, but data={d.name} is a language-modelling "
+               f"task; use model=gpt")
+    if m.name == "gpt":
+        _check(task == "lm", "model", m.name, f"is a language model, but data={d.name} is a classification task; "
+               f"use model=mlp or model=cnn")
+    if m.name != "custom":
+        _one_of("model.dtype", m.dtype, DTYPES)
+        _one_of("model.param_dtype", m.param_dtype, DTYPES)
+        _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    if m.name == "mlp":
+        _one_of("model.activation", m.activation, ACTIVATIONS)
+        _check(all(h > 0 for h in m.hidden), "model.hidden", m.hidden, "every width must be > 0")
+    if m.name == "cnn":
+        _one_of("model.norm", m.norm, NORMS)
+        _one_of("model.pool", m.pool, POOLS)
+        _check(len(m.channels) > 0 and all(c > 0 for c in m.channels), "model.channels", m.channels,
+               "must be a non-empty list of positive widths")
+        _check(d.name == "digits" or len(getattr(d, "input_shape", [0, 0, 0])) == 3, "model", "cnn",
+               "needs image inputs (H, W, C)")
+    if m.name == "gpt":
+        _one_of("model.pos_emb", m.pos_emb, POS_EMBS)
+        _check(m.n_layer > 0 and m.n_head > 0, "model.n_layer/n_head", (m.n_layer, m.n_head), "must be > 0")
+        _check(m.d_model % m.n_head == 0, "model.d_model", m.d_model,
+               f"must be divisible by model.n_head={m.n_head}")
+        _check(m.pos_emb != "rope" or (m.d_model // m.n_head) % 2 == 0, "model.pos_emb", m.pos_emb,
+               f"rope needs an even head size, d_model/n_head = {m.d_model // m.n_head}")
+        _check(d.seq_len <= m.block_size, "data.seq_len", d.seq_len,
+               f"is above the model's maximum model.block_size={m.block_size}; lower data.seq_len or raise "
+               f"model.block_size")
+        _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0 = the data's vocabulary)")
+    if m.name == "custom":
+        _check(m.target not in ("", "???"), "model.target", m.target, "name your class, e.g. "
+               "model.target=my_pkg.nets:TinyNet")
+    # mesh: fits the devices, and the batch splits evenly across processes and data-parallel devices
+    shape = resolve_shape(cfg.mesh, n_devices)
+    dp = data_parallel_size(shape, cfg.mesh.act_rules)
+    for key, b in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+        _check(b % dp == 0 and b % n_processes == 0, key, b,
+               f"must be divisible by the data-parallel size {dp} (mesh {shape}) and the {n_processes} "
+               f"process(es); e.g. {key}={max(dp, n_processes) * max(1, b // max(dp, n_processes))}")
+    _check(prod(shape.values()) <= n_devices, "mesh.shape", cfg.mesh.shape, f"needs at most {n_devices} devices")
+    # logger
+    _one_of("logger.name", cfg.logger.name, LOGGERS)

@@ -1,0 +1,222 @@
+"""Data sources: each turns its config into random-access splits of {"inputs", "targets"} examples plus the
+DataSpec the model is built for. Deterministic: the same config gives the same examples in the same order."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from mlsys.errors import DataError
+from mlsys.models.common import DataSpec
+
+SHIPPED_CORPUS = "tinyshakespeare.txt"  # in mlsys/assets, public domain
+
+
+@dataclass
+class DataConfig:
+    name: str = "???"
+    batch_size: int = 64  # global batch, split across processes and data-parallel devices
+    eval_batch_size: int = 0  # 0 = batch_size
+    eval_batches: int = 0  # batches per evaluation; 0 = the whole split
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    name: str = "digits"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0  # fixed apart from the run's seed, so every run sees the same test set
+
+
+@dataclass
+class TextConfig(DataConfig):
+    name: str = "text"
+    path: str = SHIPPED_CORPUS  # a UTF-8 file; the bare name of a file in mlsys/assets also works
+    level: str = "char"  # "char" (vocabulary = the file's characters) or "byte" (256 symbols)
+    seq_len: int = 64
+    val_fraction: float = 0.1  # the last part of the file
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    name: str = "synthetic"
+    task: str = "lm"  # "lm" (random tokens) or "classify" (random images, random labels)
+    seq_len: int = 64
+    vocab_size: int = 256
+    input_shape: list[int] = field(default_factory=lambda: [8, 8, 1])
+    num_classes: int = 10
+    size: int = 100_000  # examples per split
+
+
+@dataclass
+class ArraysConfig(DataConfig):
+    name: str = "arrays"
+    path: str = "???"  # a .npz file
+    inputs_key: str = "inputs"
+    targets_key: str = "targets"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+
+
+CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "synthetic": SyntheticConfig, "arrays": ArraysConfig}
+
+
+@dataclass
+class Dataset:
+    spec: DataSpec
+    splits: dict  # name -> random-access source (len, getitem -> {"inputs", "targets"})
+    meta: dict = field(default_factory=dict)  # saved into the run dir (e.g. the vocabulary)
+
+
+class ArraySource:
+    """Examples are rows of two aligned arrays."""
+
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return {"inputs": self.inputs[i], "targets": self.targets[i]}
+
+
+class WindowSource:
+    """Every window of seq_len + 1 consecutive tokens: inputs are the first seq_len, targets the next ones."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.seq_len
+
+    def __getitem__(self, i):
+        w = self.tokens[i: i + self.seq_len + 1].astype(np.int32)
+        return {"inputs": w[:-1], "targets": w[1:]}
+
+
+class SyntheticSource:
+    """Random examples generated from (seed, index): no memory, the same example every time it is read."""
+
+    def __init__(self, cfg: SyntheticConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def __len__(self) -> int:
+        return self.cfg.size
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, int(i)))
+        c = self.cfg
+        if c.task == "lm":
+            w = rng.integers(0, c.vocab_size, c.seq_len + 1, dtype=np.int32)
+            return {"inputs": w[:-1], "targets": w[1:]}
+        return {"inputs": rng.standard_normal(c.input_shape, dtype=np.float32),
+                "targets": np.int32(rng.integers(0, c.num_classes))}
+
+
+def _split_rows(n: int, val: float, test: float, seed: int) -> dict:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(n * test)), int(round(n * val))
+    return {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
+
+
+def _array_dataset(x: np.ndarray, y: np.ndarray, cfg, task_meta: dict) -> Dataset:
+    rows = _split_rows(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = {k: ArraySource(x[r], y[r]) for k, r in rows.items() if len(r)}
+    spec = DataSpec("classify", tuple(x.shape[1:]), str(x.dtype), int(y.max()) + 1)
+    return Dataset(spec, splits, task_meta)
+
+
+def load_digits(cfg: DigitsConfig) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]  # N 8 8 1, in [0, 1]
+    return _array_dataset(x, d.target.astype(np.int32), cfg, {"normalization": "pixel / 16"})
+
+
+def resolve_path(path: str) -> str:
+    if not os.path.exists(path) and os.sep not in path:
+        shipped = resources.files("mlsys") / "assets" / path
+        if shipped.is_file():
+            return str(shipped)
+    return path
+
+
+def load_text(cfg: TextConfig) -> Dataset:
+    path = resolve_path(cfg.path)
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise DataError(f"data.path={cfg.path!r}: cannot read it ({e.strerror}); give an existing UTF-8 text file")
+    if cfg.level == "byte":
+        tokens, vocab = np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), None
+    else:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"data.path={cfg.path!r} is not UTF-8 (byte {e.start}: {e.reason}); convert it, or "
+                            f"use data.level=byte") from None
+        vocab = sorted(set(text))
+        lookup = {ch: i for i, ch in enumerate(vocab)}
+        tokens = np.fromiter((lookup[ch] for ch in text), dtype=np.uint16, count=len(text))
+    n_val = int(len(tokens) * cfg.val_fraction)
+    parts = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
+    for name, part in parts.items():
+        if len(part) < cfg.seq_len + 2 and (name == "train" or n_val):
+            raise DataError(f"data.path={cfg.path!r}: the {name} split has {len(part)} tokens, fewer than "
+                            f"data.seq_len + 2 = {cfg.seq_len + 2}; use a longer file or a smaller data.seq_len")
+    splits = {k: WindowSource(v, cfg.seq_len) for k, v in parts.items() if len(v) >= cfg.seq_len + 2}
+    spec = DataSpec("lm", (cfg.seq_len,), "int32", 256 if vocab is None else len(vocab))
+    meta = {"vocab": {"level": cfg.level, "chars": vocab}, "source": os.path.abspath(path)}
+    return Dataset(spec, splits, meta)
+
+
+def load_synthetic(cfg: SyntheticConfig, seed: int) -> Dataset:
+    splits = {s: SyntheticSource(cfg, seed * 1000 + i) for i, s in enumerate(["train", "val"])}
+    if cfg.task == "lm":
+        spec = DataSpec("lm", (cfg.seq_len,), "int32", cfg.vocab_size)
+    else:
+        spec = DataSpec("classify", tuple(cfg.input_shape), "float32", cfg.num_classes)
+    return Dataset(spec, splits)
+
+
+def load_arrays(cfg: ArraysConfig) -> Dataset:
+    try:
+        f = np.load(cfg.path, allow_pickle=False)  # never unpickle a user's file
+        missing = [k for k in (cfg.inputs_key, cfg.targets_key) if k not in f.files]
+        if missing:
+            raise DataError(f"data.path={cfg.path!r} has no array {missing[0]!r}; it holds {sorted(f.files)} (set "
+                            f"data.inputs_key / data.targets_key)")
+        x, y = f[cfg.inputs_key], f[cfg.targets_key]
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"data.path={cfg.path!r}: cannot read it as .npz ({e}); save it with "
+                        f"np.savez(path, {cfg.inputs_key}=..., {cfg.targets_key}=...)") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise DataError(f"data.path={cfg.path!r}: {len(x)} inputs but {len(y)} targets; they must be equal and > 0")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+        raise DataError(f"data.path={cfg.path!r}: targets must be non-negative integer class ids of shape (N,), "
+                        f"got {y.dtype} {y.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"data.path={cfg.path!r}: inputs must be floating point, got {x.dtype}")
+    return _array_dataset(x.astype(np.float32), y.astype(np.int32), cfg, {})
+
+
+def load(cfg, seed: int) -> Dataset:
+    """The dataset a `data` config describes."""
+    if cfg.name == "digits":
+        return load_digits(cfg)
+    if cfg.name == "text":
+        return load_text(cfg)
+    if cfg.name == "synthetic":
+        return load_synthetic(cfg, seed)
+    return load_arrays(cfg)
+
+
+def save_meta(ds: Dataset, run_dir: str) -> None:
+    if "vocab" in ds.meta:
+        with open(os.path.join(run_dir, "vocab.json"), "w") as f:
+            json.dump(ds.meta["vocab"], f)

@@ -1,0 +1,21 @@
+"""Errors a user can fix. Entry points print them as one short message (no traceback) and exit 2."""
+
+
+class MlsysError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ConfigError(MlsysError):
+    """A config key has a value that cannot work (caught before any compilation)."""
+
+
+class DataError(MlsysError):
+    """A data file is missing, unreadable, or has the wrong contents."""
+
+
+class CheckpointError(MlsysError):
+    """A checkpoint or run dir cannot be found, read or written."""
+
+
+class NonFiniteError(MlsysError):
+    """The loss or the gradients became NaN/Inf during training."""

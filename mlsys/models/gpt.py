@@ -1,0 +1,121 @@
+"""A decoder-only transformer in the GPT-2 mould: token (+ learned or rotary position) embeddings, pre-norm
+blocks of causal self-attention and an MLP, a final norm, and a (possibly tied) language-model head."""
+
+from dataclasses import dataclass
+from math import sqrt
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from mlsys.models.common import DataSpec, dense_init, dtype_of
+
+POS_EMBS = ("learned", "rope")
+
+
+@dataclass
+class GPTConfig:
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 0  # 0 = 4 * d_model
+    block_size: int = 256  # the longest sequence the model accepts
+    vocab_size: int = 0  # 0 = the data's vocabulary size
+    pos_emb: str = "learned"  # one of POS_EMBS
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; logits and the loss stay float32
+    param_dtype: str = "float32"
+
+
+def rope(x: Float[Array, "B T H D"], base: float) -> Float[Array, "B T H D"]:
+    """Rotary position embedding (rotate-half form) applied to queries or keys."""
+    t, d = x.shape[1], x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # T, D/2
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        d, dt, pdt = cfg.d_model, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.n_head, self.pos_emb, self.rope_base = cfg.n_head, cfg.pos_emb, cfg.rope_base
+        self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
+                              kernel_init=dense_init(("embed", "heads"), 0.02))
+        # GPT-2: residual projections start smaller, by 1/sqrt(2 * n_layer).
+        self.proj = nnx.Linear(d, d, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
+                               kernel_init=dense_init(("heads", "embed"), 0.02 / sqrt(2 * cfg.n_layer)))
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.n_head, d // self.n_head), 3, axis=2)
+        if self.pos_emb == "rope":
+            q, k = rope(q, self.rope_base), rope(k, self.rope_base)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # B T H Dh, softmax in fp32 inside
+        return self.dropout(self.proj(y.reshape(b, t, d)))
+
+
+class MLPBlock(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        d, dff, dt, pdt = cfg.d_model, cfg.d_ff or 4 * cfg.d_model, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.fc = nnx.Linear(d, dff, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
+                             kernel_init=dense_init(("embed", "mlp"), 0.02))
+        self.proj = nnx.Linear(dff, d, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
+                               kernel_init=dense_init(("mlp", "embed"), 0.02 / sqrt(2 * cfg.n_layer)))
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.dropout(self.proj(jax.nn.gelu(self.fc(x))))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=dt, param_dtype=pdt,
+                                  rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=dt, param_dtype=pdt,
+                                  rngs=rngs)
+        self.mlp = MLPBlock(cfg, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, spec: DataSpec, *, rngs: nnx.Rngs):
+        vocab = cfg.vocab_size or spec.num_classes
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.block_size, self.dtype = cfg.block_size, dt
+        emb_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
+        self.wte = nnx.Embed(vocab, cfg.d_model, dtype=dt, param_dtype=pdt, embedding_init=emb_init, rngs=rngs)
+        pos_init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
+        self.wpe = nnx.data(nnx.Embed(cfg.block_size, cfg.d_model, dtype=dt, param_dtype=pdt,
+                                      embedding_init=pos_init, rngs=rngs) if cfg.pos_emb == "learned" else None)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.blocks = nnx.List(Block(cfg, rngs=rngs) for _ in range(cfg.n_layer))
+        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=dt, param_dtype=pdt,
+                                  rngs=rngs)
+        self.lm_head = nnx.data(None if cfg.tie_embeddings else nnx.Linear(
+            cfg.d_model, vocab, use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs,
+            kernel_init=dense_init(("embed", "vocab"), 0.02)))
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+        x = self.wte(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe(jnp.arange(tokens.shape[1]))[None]
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,102 @@
+"""Where metrics go: metrics.jsonl in the run dir (always; the source every later tool reads), wandb (offline
+unless the user asked otherwise, every file inside the run dir), and env.json. Only process 0 writes."""
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from importlib import metadata
+
+import jax
+
+# wandb directories the user set before we started; the others are pointed into each run dir.
+_USER_WANDB_DIRS = {v for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR") if v in os.environ}
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "hydra-core", "omegaconf", "numpy",
+            "wandb", "jaxtyping", "scikit-learn")
+
+
+def git_info(path: str) -> dict:
+    def git(*args):
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return {"commit": None, "dirty": None}
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
+def environment(extra: dict | None = None) -> dict:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "packages": versions,
+        "git": git_info(os.getcwd()),
+        "devices": dict(Counter(d.device_kind for d in jax.devices())),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
+    }
+
+
+class Tracker:
+    def __init__(self, run_dir: str, logger_cfg, config: dict, enabled: bool = True):
+        self.run_dir, self.enabled, self.wandb_run = run_dir, enabled, None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if logger_cfg.name == "wandb":
+            self.wandb_run = _start_wandb(run_dir, logger_cfg, config)
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{split}/{k}": float(v) for k, v in metrics.items()}, step=int(step))
+
+    def write_json(self, name: str, obj: dict) -> None:
+        if self.enabled:
+            with open(os.path.join(self.run_dir, name), "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(quiet=True)
+
+
+def _start_wandb(run_dir: str, cfg, config: dict):
+    import wandb
+
+    # Offline unless the user chose otherwise; never a network attempt by default, every file in the run dir.
+    mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    home = os.path.join(run_dir, "wandb")
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+        if var not in _USER_WANDB_DIRS:
+            os.environ[var] = os.path.join(home, sub)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.project, entity=cfg.entity, mode=mode, dir=run_dir, config=config,
+                      name=os.path.basename(run_dir), tags=list(cfg.tags), reinit="finish_previous",
+                      settings=wandb.Settings(console="off", x_disable_stats=True))

@@ -1,0 +1,156 @@
+"""The training loop, top to bottom: checks → mesh → data → state → resume → compile → loop → final evaluation."""
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from mlsys import checkpoint, data, sample
+from mlsys.config import Config, validate
+from mlsys.errors import NonFiniteError
+from mlsys.optim import make_optimizer
+from mlsys.parallel import batch_sharding, bytes_per_device, make_mesh
+from mlsys.tracking import Tracker, environment
+from mlsys.train.state import abstract_model, create_state, split_model
+from mlsys.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("mlsys")
+
+
+def evaluate(eval_fn, state, split, cfg: Config, put) -> dict:
+    """Mean loss and accuracy over a split (all of it, or data.eval_batches fixed batches)."""
+    d = cfg.data
+    totals = None
+    for batch in data.eval_batches(split, d.eval_batch_size or d.batch_size, d.eval_batches, seed=cfg.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count()):
+        out = eval_fn(state.params, state.rest, put(batch))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["accuracy"] / totals["count"]}
+
+
+def train(cfg: Config, run_dir: str) -> dict:
+    """Train as `cfg` says, writing into `run_dir`. Returns the final metrics by split."""
+    t, d = cfg.trainer, cfg.data
+    is_main = jax.process_index() == 0
+
+    # --- Checks: everything a config can get wrong fails here, before anything is compiled.
+    validate(cfg, jax.device_count(), jax.process_count())
+    resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
+
+    # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
+    mesh = make_mesh(cfg.mesh)
+    put_sharding = batch_sharding(mesh, cfg.mesh.act_rules)
+
+    def put(batch: dict) -> dict:  # this process's rows → one global array per field
+        return {k: jax.make_array_from_process_local_data(put_sharding, v) for k, v in batch.items()}
+
+    # --- Data: grain pipeline, each process reading only its rows of every global batch.
+    dataset = data.load(d, cfg.seed)
+    train_iter = data.train_iterator(dataset.splits["train"], d.batch_size, cfg.seed, jax.process_index(),
+                                     jax.process_count())
+
+    # --- Model and optimizer state, born sharded on the mesh.
+    abstract = abstract_model(cfg.model, dataset.spec, cfg.seed)
+    _, abstract_params, _ = split_model(abstract, train=True)
+    tx, lr_schedule = make_optimizer(cfg.optim, t.steps, abstract_params)
+    train_def, eval_def, state, shardings = create_state(cfg.model, dataset.spec, cfg.seed, tx, mesh,
+                                                         cfg.mesh.param_rules)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    per_device = bytes_per_device(state)
+
+    # --- Resume: params, optimizer state, step, RNG streams and the data iterator's position.
+    start = 0
+    if resume_dir:
+        state, start = checkpoint.restore(resume_dir, checkpoint.abstract_like(state, shardings), train_iter)
+        log.info("resumed from %s at step %d", resume_dir, start)
+
+    # --- Compile: one jitted step with explicit shardings; the old state's buffers are donated to the new one.
+    train_step = jax.jit(make_train_step(train_def, tx, lr_schedule), in_shardings=(shardings, put_sharding),
+                         out_shardings=(shardings, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(eval_def))
+    first = next(train_iter)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        train_step = train_step.lower(state, put(first)).compile()
+    compile_s = time.perf_counter() - t0
+
+    # --- Tracking: process 0 writes metrics.jsonl, wandb, env.json, the vocabulary.
+    tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
+    tracker.write_json("env.json", environment({
+        "resumed_from": resume_dir, "start_step": start, "n_params": n_params, "compile_seconds": compile_s,
+        "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
+    if is_main:
+        data.save_meta(dataset, run_dir)
+        log.info("%s: %s params, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
+                 dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
+    ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)
+
+    # --- Loop: no host sync per step; metrics stay on device until a log or checkpoint step fetches them.
+    pending, batch, step = [], first, start
+    last_saved = start if resume_dir else None
+    bar = tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress), dynamic_ncols=True, leave=False)
+    tick, ticked_at, results = time.perf_counter(), start, {}
+    try:
+        with jax.set_mesh(mesh):
+            while step < t.steps:
+                state, metrics = train_step(state, put(batch))
+                pending.append(metrics)
+                step += 1
+                save_now = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0)
+                if step % t.log_every == 0 or save_now:
+                    # Fetch and check before any save, so that no NaN state is ever checkpointed.
+                    host = jax.device_get(pending)
+                    for i, m in enumerate(host):
+                        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                            bad = step - len(host) + i + 1
+                            raise NonFiniteError(
+                                f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {bad}; "
+                                f"last good checkpoint: {f'step {last_saved}' if last_saved is not None else 'none'}"
+                                f" in {ckpt.directory}. Lower optim.lr or raise optim.warmup_steps.")
+                    elapsed = time.perf_counter() - tick
+                    mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    mean.update(step_time_ms=1e3 * elapsed / (step - ticked_at),
+                                examples_per_s=d.batch_size * (step - ticked_at) / elapsed)
+                    tracker.log(step, "train", mean)
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.0f}")
+                    bar.update(step - bar.n)
+                    pending, tick, ticked_at, results["train"] = [], time.perf_counter(), step, mean
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    tracker.log(step, "val", evaluate(eval_step, state, dataset.splits["val"], cfg, put))
+                if save_now:
+                    ckpt.save(step, state, train_iter)
+                    last_saved = step
+                if step < t.steps:
+                    batch = next(train_iter)
+    finally:
+        bar.close()
+        ckpt.close()  # waits for the asynchronous writes: a run never ends with a half-written checkpoint
+
+    # --- Final evaluation on every held-out split, and a sample for language models.
+    with jax.set_mesh(mesh):
+        for split in ("val", "test"):
+            if split in dataset.splits:
+                results[split] = evaluate(eval_step, state, dataset.splits[split], cfg, put)
+                tracker.log(step, split, results[split])
+        if dataset.spec.task == "lm" and t.sample_chars and "vocab" in dataset.meta:
+            results["sample"] = draw_sample(eval_def, state, dataset, cfg)
+    tracker.close()
+    results["compile_seconds"] = compile_s
+    return results
+
+
+def draw_sample(eval_def, state, dataset, cfg: Config) -> str:
+    vocab = dataset.meta["vocab"]
+    prompt = sample.encode("\n", vocab) or [0]
+    block = getattr(cfg.model, "block_size", cfg.data.seq_len)
+    tokens = sample.generate(eval_def, state.params, state.rest, jnp.asarray(prompt, jnp.int32),
+                             jax.random.key(cfg.seed), length=cfg.trainer.sample_chars, block_size=block,
+                             temperature=cfg.trainer.sample_temperature, top_k=cfg.trainer.sample_top_k)
+    return sample.decode(np.asarray(tokens)[len(prompt):], vocab)

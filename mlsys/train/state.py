@@ -1,0 +1,47 @@
+"""The train state, and its creation directly in its shards on the mesh."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mlsys.models import DataSpec, build_model
+from mlsys.parallel import param_shardings
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: completed optimizer steps
+    params: nnx.State  # nnx.Param variables
+    rest: nnx.State  # every other model variable: RNG streams (dropout), batch statistics
+    opt_state: Any
+
+
+def split_model(model: nnx.Module, train: bool):
+    """graphdef for training (dropout on, batch statistics updated) or evaluation, plus params and the rest."""
+    view = nnx.view(model, deterministic=not train, use_running_average=not train, raise_if_not_found=False)
+    return nnx.split(view, nnx.Param, ...)
+
+
+def abstract_model(model_cfg, spec: DataSpec, seed: int):
+    """The model's structure without allocating it."""
+    return nnx.eval_shape(lambda: build_model(model_cfg, spec, nnx.Rngs(params=seed, dropout=seed + 1)))
+
+
+def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict):
+    """Returns (train graphdef, eval graphdef, state, state shardings). The state is born sharded: its shapes come
+    from eval_shape, its shardings from the parameters' logical names, and jit(init, out_shardings=...) creates
+    each shard on its own device. Nothing is ever built whole on one device."""
+    abstract = abstract_model(model_cfg, spec, seed)
+    train_def, _, _ = split_model(abstract, train=True)
+    eval_def, _, _ = split_model(abstract, train=False)
+
+    def init() -> TrainState:
+        model = build_model(model_cfg, spec, nnx.Rngs(params=seed, dropout=seed + 1))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+
+    shapes = jax.eval_shape(init)
+    shardings = param_shardings(shapes, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return train_def, eval_def, state, shardings

@@ -1,0 +1,56 @@
+"""Test set-up: 8 simulated CPU devices, jaxtyping shape checks on every mlsys function, tiny configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+# Every annotated function in mlsys is checked (shapes included) while tests run; at trace time only under jit.
+install_import_hook("mlsys", "beartype.beartype")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from mlsys.config import register, to_typed  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+PRESETS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "exp")) if f.endswith(".yaml"))
+
+# Small enough to train in seconds, big enough to exercise every part of the loop.
+TINY = {
+    "digits_mlp": ["trainer.steps=20", "trainer.log_every=5", "trainer.eval_every=10", "model.hidden=[32]"],
+    "digits_cnn": ["trainer.steps=10", "trainer.log_every=5", "model.channels=[4,8]", "model.hidden=16"],
+    "shakespeare_char": ["trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                         "model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.seq_len=16",
+                         "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20"],
+}
+
+
+def compose_cfg(overrides: list[str]):
+    register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def typed_cfg(overrides: list[str]):
+    return to_typed(compose_cfg(overrides))
+
+
+def tiny(exp: str, *extra: str) -> list[str]:
+    return [f"+exp={exp}", "logger=jsonl", "trainer.progress=false", *TINY[exp], *extra]
+
+
+@pytest.fixture
+def train_tiny(tmp_path):
+    """Train a tiny preset in-process into a fresh run dir; returns (results, run_dir)."""
+    from mlsys.train import train
+
+    def run(exp: str, *extra: str, run_dir=None):
+        run_dir = str(run_dir or tmp_path / "run")
+        return train(typed_cfg(tiny(exp, *extra)), run_dir), run_dir
+
+    return run
