@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManagerOptions:
     return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                        enable_async_checkpointing=not read_only)
+                                        enable_async_checkpointing=not read_only,
+                                        save_interval_steps=0 if read_only else 1)
 
 
 class Checkpointer:
@@ -48,7 +49,8 @@ def find_run(resume: str, current_run_dir: str) -> str:
     if resume == "auto":
         parent = os.path.dirname(os.path.abspath(current_run_dir))
         here = os.path.basename(os.path.abspath(current_run_dir))
-        runs = sorted(n for n in os.listdir(parent) if n != here and has_checkpoint(os.path.join(parent, n)))
+        siblings = os.listdir(parent) if os.path.isdir(parent) else []
+        runs = sorted(n for n in siblings if n != here and has_checkpoint(os.path.join(parent, n)))
         if not runs:
             raise CheckpointError(f"trainer.resume=auto: no earlier run with a checkpoint in {parent}; train one "
                                   f"first, or give trainer.resume=<run dir>")

@@ -131,8 +131,7 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
     _one_of("optim.decay", o.decay, DECAYS)
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0, e.g. optim.lr=1e-3")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
-    _check(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", o.warmup_steps,
-           f"must be in [0, trainer.steps={t.steps})")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _check(o.decay_steps >= 0, "optim.decay_steps", o.decay_steps, "must be >= 0 (0 = trainer.steps)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")

@@ -9,7 +9,7 @@ from flax import nnx
 
 @partial(jax.jit, static_argnames=("graphdef", "length", "block_size", "top_k"))
 def generate(graphdef, params, rest, prompt: jax.Array, key: jax.Array, *, length: int, block_size: int,
-             temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+             temperature: float | jax.Array = 1.0, top_k: int = 0) -> jax.Array:
     """Continue the 1-D token array `prompt` by `length` tokens; returns prompt + continuation."""
     model = nnx.merge(graphdef, params, rest)
     n0 = prompt.shape[0]

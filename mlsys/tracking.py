@@ -84,7 +84,7 @@ class Tracker:
             return
         self.file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()
 
 
 def _start_wandb(run_dir: str, cfg, config: dict):

@@ -40,8 +40,10 @@ def typed_cfg(overrides: list[str]):
     return to_typed(compose_cfg(overrides))
 
 
-def tiny(exp: str, *extra: str) -> list[str]:
-    return [f"+exp={exp}", "logger=jsonl", "trainer.progress=false", *TINY[exp], *extra]
+def tiny(exp: str | None, *extra: str) -> list[str]:
+    """Overrides for a tiny run of a preset (or of the root config when exp is None)."""
+    preset = [f"+exp={exp}", *TINY[exp]] if exp else []
+    return [*preset, "logger=jsonl", "trainer.progress=false", *extra]
 
 
 @pytest.fixture

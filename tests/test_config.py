@@ -58,7 +58,7 @@ def test_wrong_type_fails_at_compose(override):
     (["mesh.shape={data:16}"], "needs 16 devices"),
     (["mesh.shape={data:3,fsdp:-1}"], "do not divide"),
     (["model.name=gpt"], "model.name='gpt'"),
-    (["optim.warmup_steps=5000"], "optim.warmup_steps=5000"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps=-5"),
 ])
 def test_semantic_errors_name_key_and_value(overrides, message):
     cfg = typed_cfg(["+exp=digits_mlp", *overrides])

@@ -73,7 +73,7 @@ class MLPBlock(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.dropout(self.proj(jax.nn.gelu(self.fc(x))))
+        return self.dropout(self.proj(jax.nn.gelu(self.fc(x), approximate=False)))  # exact, as GPT-2
 
 
 class Block(nnx.Module):

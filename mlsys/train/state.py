@@ -11,9 +11,10 @@ from mlsys.parallel import param_shardings
 
 
 class TrainState(struct.PyTreeNode):
-    step: jax.Array  # int32 scalar: completed optimizer steps
-    params: nnx.State  # nnx.Param variables
-    rest: nnx.State  # every other model variable: RNG streams (dropout), batch statistics
+    # Fields hold arrays, or their abstract shapes under eval_shape; hence Any.
+    step: Any  # int32 scalar: completed optimizer steps
+    params: Any  # nnx.State of nnx.Param variables
+    rest: Any  # nnx.State of every other model variable: RNG streams (dropout), batch statistics
     opt_state: Any
 
 
