@@ -3,6 +3,7 @@
 import time
 
 import hydra
+import jax
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -20,7 +21,8 @@ def main(cfg: DictConfig) -> float:
     typed = to_typed(cfg)
     t0 = time.perf_counter()
     results = train(typed, run_dir)
-    print(summary(typed.name, typed.trainer.steps, time.perf_counter() - t0, results, run_dir))
+    if jax.process_index() == 0:
+        print(summary(typed.name, typed.trainer.steps, time.perf_counter() - t0, results, results["run_dir"]))
     return results.get("val", results["train"])["loss"]
 
 

@@ -4,7 +4,6 @@ the mesh against the devices) before anything is compiled. Each message names th
 
 import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
-from math import prod
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -17,7 +16,7 @@ from mlsys.models.cnn import NORMS, POOLS
 from mlsys.models.common import ACTIVATIONS, DTYPES
 from mlsys.models.gpt import POS_EMBS
 from mlsys.optim import DECAYS, OPTIMIZERS, OptimConfig
-from mlsys.parallel import MeshConfig, data_parallel_size, resolve_shape
+from mlsys.parallel import MeshConfig, check_rules, data_parallel_size, resolve_shape
 
 LOGGERS = ("wandb", "jsonl")
 
@@ -34,6 +33,18 @@ class TrainerConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 0  # 0 = the whole vocabulary
     progress: bool = True  # a progress bar on stderr
+    step: str = "jit"  # "jit" (GSPMD places the collectives) or "shard_map" (explicit collectives, same numbers)
+
+
+@dataclass
+class DistConfig:
+    """Several processes (hosts). Under SLURM, or a Kubernetes indexed Job that sets MLSYS_COORDINATOR and
+    MLSYS_NUM_PROCESSES, this is detected from the environment; set it by hand to launch processes yourself."""
+
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator: Optional[str] = None  # "host:port" of process 0
+    timeout_s: int = 120  # how long every process waits for the others to join
 
 
 @dataclass
@@ -55,6 +66,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def register() -> None:
@@ -126,6 +138,7 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
     _check(t.max_to_keep > 0, "trainer.max_to_keep", t.max_to_keep, "must be > 0")
     _check(t.sample_chars >= 0, "trainer.sample_chars", t.sample_chars, "must be >= 0")
     _check(t.sample_temperature > 0, "trainer.sample_temperature", t.sample_temperature, "must be > 0")
+    _one_of("trainer.step", t.step, ("jit", "shard_map"))
     # optimizer
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.decay", o.decay, DECAYS)
@@ -191,12 +204,22 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
         _check(m.target not in ("", "???"), "model.target", m.target, "name your class, e.g. "
                "model.target=my_pkg.nets:TinyNet")
     # mesh: fits the devices, and the batch splits evenly across processes and data-parallel devices
+    check_rules(cfg.mesh)
     shape = resolve_shape(cfg.mesh, n_devices)
     dp = data_parallel_size(shape, cfg.mesh.act_rules)
+    tp = shape["tensor"]
+    if tp > 1:  # tensor parallelism splits heads and hidden widths: they must divide evenly
+        widths = {"mlp": ("model.hidden", m.hidden)} if m.name == "mlp" else {}
+        if m.name == "gpt":
+            widths = {"heads": ("model.n_head", [m.n_head]), "mlp": ("model.d_ff", [m.d_ff or 4 * m.d_model])}
+        if m.name == "cnn":
+            widths = {"mlp": ("model.channels/hidden", [*m.channels, m.hidden])}
+        for key, values in widths.values():
+            _check(all(v % tp == 0 for v in values), key, values[0] if len(values) == 1 else values,
+                   f"must be divisible by the tensor-parallel size {tp}; change it or mesh.shape.tensor")
     for key, b in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
         _check(b % dp == 0 and b % n_processes == 0, key, b,
                f"must be divisible by the data-parallel size {dp} (mesh {shape}) and the {n_processes} "
                f"process(es); e.g. {key}={max(dp, n_processes) * max(1, b // max(dp, n_processes))}")
-    _check(prod(shape.values()) <= n_devices, "mesh.shape", cfg.mesh.shape, f"needs at most {n_devices} devices")
     # logger
     _one_of("logger.name", cfg.logger.name, LOGGERS)

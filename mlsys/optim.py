@@ -58,8 +58,10 @@ def decay_mask(cfg: OptimConfig, params):
         lambda path, _: not any(p.search(path_str(path)) for p in patterns), params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, params) -> tuple[optax.GradientTransformation,
-                                                                         optax.Schedule]:
+def make_optimizer(cfg: OptimConfig, total_steps: int, params, clip: bool = True
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain and its learning-rate schedule. clip=False leaves global-norm clipping to the caller (the
+    shard_map step clips with a norm summed across parameter slices)."""
     lr = schedule(cfg, total_steps)
     mask = decay_mask(cfg, params)
     if cfg.name == "adamw":
@@ -67,5 +69,5 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params) -> tuple[optax.Gr
     else:
         opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                           optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if clip and cfg.clip_norm > 0 else []
     return optax.chain(*chain, opt), lr

@@ -2,6 +2,10 @@
 vocab, ...); the rules in conf/mesh map each name to mesh axes, separately for parameters and for activations.
 Model code never names a mesh axis."""
 
+import contextlib
+import contextvars
+import os
+import shutil
 from dataclasses import dataclass, field
 from math import prod
 
@@ -41,10 +45,34 @@ def resolve_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
             raise ConfigError(f"mesh.shape={dict(cfg.shape)}: {n_devices} devices do not divide by {fixed}; "
                               f"choose sizes whose product divides {n_devices}")
         shape[free[0]] = n_devices // fixed
-    if prod(shape.values()) > n_devices:
-        raise ConfigError(f"mesh.shape={dict(cfg.shape)} needs {prod(shape.values())} devices but only "
-                          f"{n_devices} exist; use mesh=single, or sizes whose product is at most {n_devices}")
+    n = prod(shape.values())
+    if n > n_devices:
+        raise ConfigError(f"mesh.shape={dict(cfg.shape)} needs {n} devices but only {n_devices} exist; use "
+                          f"sizes whose product is {n_devices} (one of them may be -1), or mesh=single")
+    if 1 < n < n_devices:
+        raise ConfigError(f"mesh.shape={dict(cfg.shape)} uses {n} of the {n_devices} devices; make the product "
+                          f"{n_devices} (one size may be -1 = the rest), or use mesh=single for one device")
     return shape
+
+
+def check_rules(cfg: MeshConfig) -> None:
+    for group in ("param_rules", "act_rules"):
+        for name, axes in getattr(cfg, group).items():
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"mesh.{group}.{name}={list(axes)}: {bad} is not a mesh axis; the axes are "
+                                  f"{list(MESH_AXES)}")
+
+
+def check_param_names(abstract_state, rules: dict) -> None:
+    """Every logical axis name a parameter carries must be in mesh.param_rules (mapped to [] to replicate)."""
+    from flax import nnx
+
+    for spec in jax.tree.leaves(nnx.get_partition_spec(abstract_state), is_leaf=lambda x: isinstance(x, P)):
+        for name in spec:
+            if name is not None and name not in rules:
+                raise ConfigError(f"a parameter has logical axis {name!r}, which mesh.param_rules does not map; add "
+                                  f"mesh.param_rules.{name}=[] (replicated) or a mesh axis")
 
 
 def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
@@ -53,6 +81,8 @@ def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
     if jax.process_count() > 1 and n != jax.device_count():
         raise ConfigError(f"mesh.shape={dict(cfg.shape)} uses {n} of {jax.device_count()} devices; with several "
                           f"processes the mesh must use them all")
+    # Device order: jax.make_mesh lays devices out so that the data axis spans processes (hosts) and the
+    # inner axes (fsdp, tensor) stay within one, where the links are fastest.
     # Auto axes: GSPMD propagates shardings through ordinary ops (Explicit axes would demand them everywhere).
     return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=jax.devices()[:n])
@@ -93,6 +123,31 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: dict) -> NamedSharding:
     return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
 
 
+# (mesh, act_rules) while a step is traced; model code calls `constrain` with logical names only.
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("mlsys_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh | None, rules: dict | None):
+    """Within this block, `constrain` pins activations to the mesh by the activation rules (mesh=None: off)."""
+    token = _ACTIVATIONS.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x, names: tuple):
+    """Shard activation `x` by logical axis names (e.g. ("batch", "seq", "embed")); a no-op outside a training
+    step (tests, notebooks, export) and under the shard_map step, where the layout is explicit."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = fit_spec(logical_to_mesh(names, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def data_parallel_size(mesh_shape: dict, rules: dict) -> int:
     return prod(mesh_shape[a] for a in rules.get("batch", []))
 
@@ -108,3 +163,51 @@ def bytes_per_device(tree) -> dict:
 
 def host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
+
+
+def init_distributed(cfg) -> None:
+    """Join the other processes of a multi-host run, before any device is touched. Sources, in order: the
+    `dist` config; SLURM (jax detects it); a Kubernetes indexed Job (JOB_COMPLETION_INDEX, with MLSYS_COORDINATOR
+    and MLSYS_NUM_PROCESSES set by the manifest). One process and no cluster: nothing to do."""
+    from mlsys.errors import MlsysError
+
+    env = os.environ
+    if cfg.num_processes > 1:
+        if not cfg.coordinator:
+            raise ConfigError(f"dist.num_processes={cfg.num_processes} needs dist.coordinator=HOST:PORT (process 0)")
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            raise ConfigError(f"dist.process_id={cfg.process_id}: must be in [0, {cfg.num_processes})")
+        kwargs = dict(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        kwargs = {}  # jax reads the SLURM variables itself
+    elif "JOB_COMPLETION_INDEX" in env and int(env.get("MLSYS_NUM_PROCESSES", "1")) > 1:
+        kwargs = dict(coordinator_address=env["MLSYS_COORDINATOR"], num_processes=int(env["MLSYS_NUM_PROCESSES"]),
+                      process_id=int(env["JOB_COMPLETION_INDEX"]))
+    else:
+        return
+    if jax.distributed.is_initialized():
+        return
+    where = kwargs.get("coordinator_address", "the SLURM coordinator")
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s)
+    except Exception as e:  # the C++ client raises several types; all mean the group could not form
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise MlsysError(f"could not join the other processes at {where} within dist.timeout_s={cfg.timeout_s} s "
+                         f"({first}). Start every process with the same dist.coordinator, check that process 0 "
+                         f"is running and that the port is reachable.") from None
+
+
+def shared_run_dir(local_dir: str) -> str:
+    """Process 0's run dir, agreed by every process (each Hydra process made its own, with its own suffix)."""
+    if jax.process_count() == 1:
+        return local_dir
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(1024, np.uint8)
+    raw = os.path.abspath(local_dir).encode()
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    agreed = bytes(multihost_utils.broadcast_one_to_all(buf)).rstrip(b"\0").decode()
+    if agreed != os.path.abspath(local_dir) and os.path.isdir(local_dir):
+        # This process's own Hydra dir holds only Hydra's copy of the config and a log: drop it.
+        shutil.rmtree(local_dir, ignore_errors=True)
+    return agreed

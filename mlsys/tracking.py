@@ -34,6 +34,13 @@ def git_info(path: str) -> dict:
         return {"commit": None, "dirty": None}
 
 
+def _git_here_or_package() -> dict:
+    info = git_info(os.getcwd())
+    if info["commit"] is None:
+        info = git_info(os.path.dirname(os.path.abspath(__file__)))
+    return info
+
+
 def environment(extra: dict | None = None) -> dict:
     versions = {}
     for p in PACKAGES:
@@ -46,7 +53,8 @@ def environment(extra: dict | None = None) -> dict:
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "packages": versions,
-        "git": git_info(os.getcwd()),
+        # The working directory's repository (a user's own models live there), else the one mlsys comes from.
+        "git": _git_here_or_package(),
         "devices": dict(Counter(d.device_kind for d in jax.devices())),
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),

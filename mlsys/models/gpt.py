@@ -10,6 +10,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from mlsys.models.common import DataSpec, dense_init, dtype_of
+from mlsys.parallel import constrain
 
 POS_EMBS = ("learned", "rope")
 
@@ -56,7 +57,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.n_head, d // self.n_head), 3, axis=2)
+        qkv = self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head)
+        qkv = constrain(qkv, ("batch", "seq", None, "heads", None))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.pos_emb == "rope":
             q, k = rope(q, self.rope_base), rope(k, self.rope_base)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # B T H Dh, softmax in fp32 inside
@@ -73,7 +76,8 @@ class MLPBlock(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.dropout(self.proj(jax.nn.gelu(self.fc(x), approximate=False)))  # exact, as GPT-2
+        h = constrain(jax.nn.gelu(self.fc(x), approximate=False), ("batch", "seq", "mlp"))  # exact GELU, as GPT-2
+        return self.dropout(self.proj(h))
 
 
 class Block(nnx.Module):
@@ -88,7 +92,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        return constrain(x + self.mlp(self.ln_2(x)), ("batch", "seq", "embed"))
 
 
 class GPT(nnx.Module):
@@ -113,9 +117,9 @@ class GPT(nnx.Module):
         x = self.wte(tokens)
         if self.wpe is not None:
             x = x + self.wpe(jnp.arange(tokens.shape[1]))[None]
-        x = self.dropout(x)
+        x = constrain(self.dropout(x), ("batch", "seq", "embed"))
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))

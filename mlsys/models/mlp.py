@@ -8,6 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from mlsys.models.common import ACTIVATIONS, DataSpec, dense_init, dtype_of
+from mlsys.parallel import constrain
 
 
 @dataclass
@@ -35,9 +36,10 @@ class MLP(nnx.Module):
                                kernel_init=dense_init((names[-1], None)))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.act = ACTIVATIONS[cfg.activation]
+        self.names = names
 
     def __call__(self, x: Float[Array, "B *feat"]) -> Float[Array, "B C"]:
         x = x.reshape(x.shape[0], -1)
-        for layer in self.layers:
-            x = self.dropout(self.act(layer(x)))
+        for layer, name in zip(self.layers, self.names[1:]):
+            x = constrain(self.dropout(self.act(layer(x))), ("batch", name))
         return self.head(x).astype(jnp.float32)

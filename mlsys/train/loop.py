@@ -14,11 +14,9 @@ from tqdm import tqdm
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
 from mlsys.errors import NonFiniteError
-from mlsys.optim import make_optimizer
-from mlsys.parallel import batch_sharding, bytes_per_device, make_mesh
+from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
-from mlsys.train.state import abstract_model, create_state, split_model
-from mlsys.train.step import make_eval_step, make_train_step
+from mlsys.train.build import build
 
 log = logging.getLogger("mlsys")
 
@@ -38,6 +36,10 @@ def evaluate(eval_fn, state, split, cfg: Config, put) -> dict:
 def train(cfg: Config, run_dir: str) -> dict:
     """Train as `cfg` says, writing into `run_dir`. Returns the final metrics by split."""
     t, d = cfg.trainer, cfg.data
+
+    # --- Processes: join the others (multi-host) before touching a device; all write into process 0's run dir.
+    init_distributed(cfg.dist)
+    run_dir = shared_run_dir(run_dir)
     is_main = jax.process_index() == 0
 
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
@@ -46,40 +48,34 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
     mesh = make_mesh(cfg.mesh)
-    put_sharding = batch_sharding(mesh, cfg.mesh.act_rules)
-
-    def put(batch: dict) -> dict:  # this process's rows → one global array per field
-        return {k: jax.make_array_from_process_local_data(put_sharding, v) for k, v in batch.items()}
 
     # --- Data: grain pipeline, each process reading only its rows of every global batch.
     dataset = data.load(d, cfg.seed)
     train_iter = data.train_iterator(dataset.splits["train"], d.batch_size, cfg.seed, jax.process_index(),
                                      jax.process_count())
 
-    # --- Model and optimizer state, born sharded on the mesh.
-    abstract = abstract_model(cfg.model, dataset.spec, cfg.seed)
-    _, abstract_params, _ = split_model(abstract, train=True)
-    tx, lr_schedule = make_optimizer(cfg.optim, t.steps, abstract_params)
-    train_def, eval_def, state, shardings = create_state(cfg.model, dataset.spec, cfg.seed, tx, mesh,
-                                                         cfg.mesh.param_rules)
+    # --- Model, optimizer state and step: the state is born sharded on the mesh.
+    run = build(cfg, dataset.spec, mesh, t.steps)
+    state = run.state
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     per_device = bytes_per_device(state)
+
+    def put(batch: dict) -> dict:  # this process's rows → one global array per field
+        return {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()}
 
     # --- Resume: params, optimizer state, step, RNG streams and the data iterator's position.
     start = 0
     if resume_dir:
-        state, start = checkpoint.restore(resume_dir, checkpoint.abstract_like(state, shardings), train_iter)
+        state, start = checkpoint.restore(resume_dir, checkpoint.abstract_like(state, run.shardings), train_iter)
         log.info("resumed from %s at step %d", resume_dir, start)
 
-    # --- Compile: one jitted step with explicit shardings; the old state's buffers are donated to the new one.
-    train_step = jax.jit(make_train_step(train_def, tx, lr_schedule), in_shardings=(shardings, put_sharding),
-                         out_shardings=(shardings, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(eval_def))
+    # --- Compile once, ahead of the loop (its time reported apart).
     first = next(train_iter)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        train_step = train_step.lower(state, put(first)).compile()
+    with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
+        train_step = run.train_step.lower(state, put(first)).compile()
     compile_s = time.perf_counter() - t0
+    eval_step = run.eval_step
 
     # --- Tracking: process 0 writes metrics.jsonl, wandb, env.json, the vocabulary.
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
@@ -98,7 +94,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     bar = tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress), dynamic_ncols=True, leave=False)
     tick, ticked_at, results = time.perf_counter(), start, {}
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
             while step < t.steps:
                 state, metrics = train_step(state, put(batch))
                 pending.append(metrics)
@@ -129,20 +125,24 @@ def train(cfg: Config, run_dir: str) -> dict:
                     last_saved = step
                 if step < t.steps:
                     batch = next(train_iter)
+    except BaseException:
+        tracker.close()
+        raise
     finally:
         bar.close()
         ckpt.close()  # waits for the asynchronous writes: a run never ends with a half-written checkpoint
 
     # --- Final evaluation on every held-out split, and a sample for language models.
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
         for split in ("val", "test"):
             if split in dataset.splits:
                 results[split] = evaluate(eval_step, state, dataset.splits[split], cfg, put)
                 tracker.log(step, split, results[split])
         if dataset.spec.task == "lm" and t.sample_chars and "vocab" in dataset.meta:
-            results["sample"] = draw_sample(eval_def, state, dataset, cfg)
+            results["sample"] = draw_sample(run.eval_def, state, dataset, cfg)
     tracker.close()
     results["compile_seconds"] = compile_s
+    results["run_dir"] = run_dir
     return results
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mlsys.models import DataSpec, build_model
-from mlsys.parallel import param_shardings
+from mlsys.parallel import check_param_names, param_shardings
 
 
 class TrainState(struct.PyTreeNode):
@@ -43,6 +43,7 @@ def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
 
     shapes = jax.eval_shape(init)
+    check_param_names(shapes.params, rules)
     shardings = param_shardings(shapes, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return train_def, eval_def, state, shardings

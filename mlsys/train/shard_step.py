@@ -1,0 +1,106 @@
+"""The train step written with jax.shard_map and explicit collectives, for users who want to see and control
+every byte that moves. `trainer.step=shard_map` selects it; it gives the jit step's numbers (tested).
+
+The data and fsdp mesh axes are manual; the tensor axis stays automatic (GSPMD inside the map). Each device holds
+its rows of the batch and its fsdp slice of every parameter and optimizer-state array:
+  1. all-gather each fsdp-sharded parameter over `fsdp` → whole parameters (for this step only);
+  2. forward and backward on the local rows → the gradient of the local mean loss;
+  3. reduce-scatter fsdp-sharded gradients over `fsdp` and sum over `data` (all-reduce the others over both),
+     divided by the shard count → each device's slice of the gradient of the global mean loss;
+  4. clip by the global norm (squared norms of the slices summed over `fsdp`) and update the local slices.
+Batch statistics are averaged over the shards; dropout draws a different mask on every shard.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mlsys.errors import ConfigError
+from mlsys.parallel import activation_sharding
+from mlsys.train.state import TrainState
+from mlsys.train.step import cross_entropy
+
+MANUAL = ("data", "fsdp")
+
+
+def manual_spec(spec: P) -> P:
+    """Keep the manual axes of a PartitionSpec; the tensor axis is left to the compiler."""
+    out = []
+    for entry in spec:
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n in MANUAL)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+
+def fsdp_dim(spec: P) -> int:
+    """The dimension sharded over fsdp, or -1."""
+    for i, entry in enumerate(spec):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        if "fsdp" in names:
+            if len(names) > 1:
+                raise ConfigError(f"trainer.step=shard_map: a parameter dimension is sharded over {names}; map each "
+                                  f"logical axis to fsdp alone in mesh.param_rules")
+            return i
+    return -1
+
+
+def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, clip_norm: float, lr_schedule,
+                        mesh: jax.sharding.Mesh, shardings: TrainState, batch_spec: P):
+    """`tx` must not clip: clipping needs the norm across slices and is done here."""
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    dims = [fsdp_dim(s.spec) for s in jax.tree.leaves(shardings.params)]
+    state_specs = jax.tree.map(lambda s: manual_spec(s.spec), shardings)
+    if manual_spec(batch_spec) != P(MANUAL) and n_shards > 1:
+        raise ConfigError(f"trainer.step=shard_map needs batches split over (data, fsdp); mesh.act_rules.batch gives "
+                          f"{batch_spec}")
+
+    def gather(p, dim):
+        return p if dim < 0 else jax.lax.all_gather(p, "fsdp", axis=dim, tiled=True)
+
+    def reduce(g, dim):
+        if dim < 0:
+            return jax.lax.psum(g, MANUAL) / n_shards
+        return jax.lax.psum(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True), "data") / n_shards
+
+    def is_key(x):
+        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+    def loss_fn(model, batch):
+        loss, correct = cross_entropy(model(batch["inputs"]), batch["targets"])
+        return loss.mean(), correct.mean()
+
+    def local_step(state: TrainState, batch: dict):
+        p_leaves, p_def = jax.tree.flatten(state.params)
+        full = jax.tree.unflatten(p_def, [gather(p, d) for p, d in zip(p_leaves, dims)])
+        shard = jax.lax.axis_index(MANUAL)
+        rest = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_key(x) else x, state.rest)
+        model = nnx.merge(graphdef, full, rest)
+        with activation_sharding(None, None):  # inside the map the layout is explicit: no GSPMD constraints
+            (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        # RNG keys stay as they were (only counters move); batch statistics become the mean over shards.
+        new_rest = jax.tree.map(
+            lambda old, new: old if is_key(old) else (jax.lax.pmean(new, MANUAL)
+                                                      if jnp.issubdtype(new.dtype, jnp.floating) else new),
+            state.rest, new_rest)
+        g_leaves = [reduce(g, d) for g, d in zip(jax.tree.leaves(grads), dims)]
+        sq_sliced = sum((jnp.sum(g.astype(jnp.float32) ** 2) for g, d in zip(g_leaves, dims) if d >= 0),
+                        jnp.zeros(()))
+        sq_whole = sum((jnp.sum(g.astype(jnp.float32) ** 2) for g, d in zip(g_leaves, dims) if d < 0),
+                       jnp.zeros(()))
+        grad_norm = jnp.sqrt(jax.lax.psum(sq_sliced, "fsdp") + sq_whole)
+        if clip_norm > 0:  # the same rule as optax.clip_by_global_norm
+            scale = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+            g_leaves = [g * scale.astype(g.dtype) for g in g_leaves]
+        grads = jax.tree.unflatten(jax.tree.structure(grads), g_leaves)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": jax.lax.pmean(loss, MANUAL), "accuracy": jax.lax.pmean(acc, MANUAL),
+                   "grad_norm": grad_norm, "lr": lr_schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state), metrics
+
+    return jax.shard_map(local_step, mesh=mesh, in_specs=(state_specs, P(MANUAL)), out_specs=(state_specs, P()),
+                         axis_names=set(MANUAL), check_vma=False)
