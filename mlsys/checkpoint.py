@@ -43,17 +43,20 @@ def has_checkpoint(run_dir: str) -> bool:
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
-def find_run(resume: str, current_run_dir: str) -> str:
-    """The run dir `trainer.resume` names: a path, or "auto" = the newest other run of this experiment that has a
-    checkpoint (runs are siblings named by start time)."""
+def find_run(resume: str, current_run_dir: str) -> str | None:
+    """The run dir `trainer.resume` names. "auto": the current run dir if it already holds a checkpoint (a job
+    restarted into a fixed hydra.run.dir), else the newest sibling run that has one, else None (start fresh) —
+    so the same command serves the first launch and every restart after a preemption."""
     if resume == "auto":
-        parent = os.path.dirname(os.path.abspath(current_run_dir))
-        here = os.path.basename(os.path.abspath(current_run_dir))
+        here = os.path.abspath(current_run_dir)
+        if has_checkpoint(here):
+            return here
+        parent = os.path.dirname(here)
         siblings = os.listdir(parent) if os.path.isdir(parent) else []
-        runs = sorted(n for n in siblings if n != here and has_checkpoint(os.path.join(parent, n)))
+        runs = sorted(n for n in siblings if has_checkpoint(os.path.join(parent, n)))
         if not runs:
-            raise CheckpointError(f"trainer.resume=auto: no earlier run with a checkpoint in {parent}; train one "
-                                  f"first, or give trainer.resume=<run dir>")
+            log.warning("trainer.resume=auto: no run with a checkpoint in %s yet; starting from scratch", parent)
+            return None
         return os.path.join(parent, runs[-1])
     if not os.path.isdir(resume):
         raise CheckpointError(f"trainer.resume={resume!r}: no such directory; give a run dir (runs/<exp>/<time>) "

@@ -6,6 +6,8 @@ import contextlib
 import contextvars
 import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass, field
 from math import prod
 
@@ -188,13 +190,26 @@ def init_distributed(cfg) -> None:
     if jax.distributed.is_initialized():
         return
     where = kwargs.get("coordinator_address", "the SLURM coordinator")
+    message = (f"error: could not join the other processes at {where} within dist.timeout_s={cfg.timeout_s} s. "
+               f"Start every process with the same dist.coordinator and dist.num_processes, check that process 0 "
+               f"is running and that its port is reachable.")
+
+    # JAX's client aborts the whole process (a C++ fatal error and a stack dump) when the group does not form in
+    # time. A watchdog that fires first turns that into one clear line and exit code 2.
+    def give_up():
+        print(message, file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(cfg.timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s)
-    except Exception as e:  # the C++ client raises several types; all mean the group could not form
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise MlsysError(f"could not join the other processes at {where} within dist.timeout_s={cfg.timeout_s} s "
-                         f"({first}). Start every process with the same dist.coordinator, check that process 0 "
-                         f"is running and that the port is reachable.") from None
+        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s + 60)
+    except Exception as e:  # a refused or malformed address raises instead
+        raise MlsysError(f"{message[7:]} ({str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r})") \
+            from None
+    finally:
+        watchdog.cancel()
 
 
 def shared_run_dir(local_dir: str) -> str:

@@ -66,6 +66,13 @@ def test_resume_continues_exactly(train_tiny, tmp_path, exp):
     assert json.load(open(os.path.join(resumed_dir, "env.json")))["start_step"] == 10
 
 
+def test_resume_auto_in_a_fixed_run_dir_continues_there(train_tiny, tmp_path):
+    """A cluster job restarted into the same hydra.run.dir picks up its own checkpoint; its first launch starts."""
+    _, run_dir = train_tiny("digits_mlp", "trainer.resume=auto", run_dir=tmp_path / "fixed")
+    _, again = train_tiny("digits_mlp", "trainer.steps=30", "trainer.resume=auto", run_dir=tmp_path / "fixed")
+    assert again == run_dir and [r["step"] for r in metrics(run_dir)] == [5, 10, 15, 20, 25, 30]
+
+
 def test_resume_auto_picks_the_latest_run_with_a_checkpoint(train_tiny, tmp_path):
     exp_dir = tmp_path / "runs" / "digits_mlp"
     _, old = train_tiny("digits_mlp", run_dir=exp_dir / "2026-01-01_00-00-00_aaaaaa")
@@ -99,8 +106,7 @@ def test_resume_errors(train_tiny, tmp_path):
     os.makedirs(tmp_path / "empty_run" / "checkpoints" / "10")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         train_tiny("digits_mlp", f"trainer.resume={tmp_path / 'empty_run'}", run_dir=tmp_path / "y")
-    with pytest.raises(CheckpointError, match="no earlier run"):
-        checkpoint.find_run("auto", str(tmp_path / "lonely" / "run"))
+    assert checkpoint.find_run("auto", str(tmp_path / "lonely" / "run")) is None  # first launch: start fresh
 
 
 def test_resume_with_another_model_config_is_a_clear_error(train_tiny, tmp_path):
