@@ -14,7 +14,7 @@ from mlsys.errors import ConfigError
 from mlsys.models import REGISTRY
 from mlsys.models.cnn import NORMS, POOLS
 from mlsys.models.common import ACTIVATIONS, DTYPES
-from mlsys.models.gpt import POS_EMBS
+from mlsys.models.gpt import ATTENTION, POS_EMBS, REMAT
 from mlsys.optim import DECAYS, OPTIMIZERS, OptimConfig
 from mlsys.parallel import MeshConfig, check_rules, data_parallel_size, resolve_shape
 
@@ -34,6 +34,10 @@ class TrainerConfig:
     sample_top_k: int = 0  # 0 = the whole vocabulary
     progress: bool = True  # a progress bar on stderr
     step: str = "jit"  # "jit" (GSPMD places the collectives) or "shard_map" (explicit collectives, same numbers)
+    grad_accum: int = 1  # micro-batches per step (lax.scan); data.batch_size stays the batch of one step
+    profile: list[int] = field(default_factory=list)  # [start, stop]: a jax.profiler trace of those steps
+    compile_cache: str = "~/.cache/mlsys/jax"  # persistent compilation cache shared by runs; "" = off
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from the table in mlsys/perf.py (or measured on CPU)
 
 
 @dataclass
@@ -127,7 +131,7 @@ def data_task(data) -> str:
     return "classify"
 
 
-def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
+def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = "cpu") -> None:
     """Semantic checks that need no compilation. Raises ConfigError naming the key, the value and a fix."""
     t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
     # trainer
@@ -139,6 +143,10 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
     _check(t.sample_chars >= 0, "trainer.sample_chars", t.sample_chars, "must be >= 0")
     _check(t.sample_temperature > 0, "trainer.sample_temperature", t.sample_temperature, "must be > 0")
     _one_of("trainer.step", t.step, ("jit", "shard_map"))
+    _check(t.grad_accum > 0, "trainer.grad_accum", t.grad_accum, "must be > 0 (1 = no accumulation)")
+    _check(len(t.profile) in (0, 2) and (not t.profile or 0 <= t.profile[0] < t.profile[1]), "trainer.profile",
+           t.profile, "must be [] or [start, stop] with 0 <= start < stop, e.g. trainer.profile=[10,20]")
+    _check(t.peak_tflops >= 0, "trainer.peak_tflops", t.peak_tflops, "must be >= 0 (0 = the built-in table)")
     # optimizer
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.decay", o.decay, DECAYS)
@@ -200,6 +208,11 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
                f"is above the model's maximum model.block_size={m.block_size}; lower data.seq_len or raise "
                f"model.block_size")
         _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0 = the data's vocabulary)")
+        _one_of("model.attention", m.attention, ATTENTION)
+        _one_of("model.remat", m.remat, REMAT)
+        _check(m.vocab_multiple > 0, "model.vocab_multiple", m.vocab_multiple, "must be > 0 (1 = no padding)")
+        _check(m.attention != "cudnn" or platform == "gpu", "model.attention", m.attention,
+               f"needs an NVIDIA GPU, but the devices are {platform}; use model.attention=auto or xla")
     if m.name == "custom":
         _check(m.target not in ("", "???"), "model.target", m.target, "name your class, e.g. "
                "model.target=my_pkg.nets:TinyNet")
@@ -221,5 +234,8 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1) -> None:
         _check(b % dp == 0 and b % n_processes == 0, key, b,
                f"must be divisible by the data-parallel size {dp} (mesh {shape}) and the {n_processes} "
                f"process(es); e.g. {key}={max(dp, n_processes) * max(1, b // max(dp, n_processes))}")
+    k = t.grad_accum
+    _check(d.batch_size % (k * dp) == 0, "data.batch_size", d.batch_size,
+           f"must be divisible by trainer.grad_accum={k} x the data-parallel size {dp} = {k * dp}")
     # logger
     _one_of("logger.name", cfg.logger.name, LOGGERS)

@@ -13,6 +13,15 @@ from mlsys.models.common import DataSpec, dense_init, dtype_of
 from mlsys.parallel import constrain
 
 POS_EMBS = ("learned", "rope")
+ATTENTION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}  # jax.nn.dot_product_attention implementations
+# Rematerialisation per block: what the backward pass may keep from the forward instead of recomputing.
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
 
 
 @dataclass
@@ -30,8 +39,11 @@ class GPTConfig:
     bias: bool = True
     dropout: float = 0.0
     norm_eps: float = 1e-5
-    dtype: str = "float32"  # compute dtype; logits and the loss stay float32
+    dtype: str = "float32"  # compute dtype (bfloat16 for mixed precision); norms, softmax, logits, loss in float32
     param_dtype: str = "float32"
+    attention: str = "auto"  # one of ATTENTION; cudnn needs an NVIDIA GPU
+    remat: str = "none"  # one of REMAT, applied to every block
+    vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (128 suits matrix units); padding never wins
 
 
 def rope(x: Float[Array, "B T H D"], base: float) -> Float[Array, "B T H D"]:
@@ -48,6 +60,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         d, dt, pdt = cfg.d_model, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.n_head, self.pos_emb, self.rope_base = cfg.n_head, cfg.pos_emb, cfg.rope_base
+        self.implementation = ATTENTION[cfg.attention]
         self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
                               kernel_init=dense_init(("embed", "heads"), 0.02))
         # GPT-2: residual projections start smaller, by 1/sqrt(2 * n_layer).
@@ -62,7 +75,8 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.pos_emb == "rope":
             q, k = rope(q, self.rope_base), rope(k, self.rope_base)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # B T H Dh, softmax in fp32 inside
+        # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return self.dropout(self.proj(y.reshape(b, t, d)))
 
 
@@ -97,9 +111,12 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, spec: DataSpec, *, rngs: nnx.Rngs):
-        vocab = cfg.vocab_size or spec.num_classes
+        self.vocab = cfg.vocab_size or spec.num_classes  # the real vocabulary
+        vocab = -(-self.vocab // cfg.vocab_multiple) * cfg.vocab_multiple  # padded
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.block_size, self.dtype = cfg.block_size, dt
+        self.remat_policy = REMAT[cfg.remat] if cfg.remat != "none" else None
+        self.remat = cfg.remat != "none"
         emb_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
         self.wte = nnx.Embed(vocab, cfg.d_model, dtype=dt, param_dtype=pdt, embedding_init=emb_init, rngs=rngs)
         pos_init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
@@ -119,7 +136,20 @@ class GPT(nnx.Module):
             x = x + self.wpe(jnp.arange(tokens.shape[1]))[None]
         x = constrain(self.dropout(x), ("batch", "seq", "embed"))
         for block in self.blocks:
-            x = block(x)
+            x = nnx.remat(_run_block, policy=self.remat_policy)(block, x) if self.remat else block(x)
         x = self.ln_f(x)
-        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = (self.wte.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        if logits.shape[-1] > self.vocab:  # padded entries are never predicted
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab, logits, -1e30)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def _run_block(block: Block, x):
+    return block(x)
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token by nanoGPT's (PaLM's) estimate: 6N for the matmuls of forward and backward,
+    N without the position embeddings, plus 12·L·H·Q·T for attention (Q the head size, T the sequence length)."""
+    n = n_params - (cfg.block_size * cfg.d_model if cfg.pos_emb == "learned" else 0)
+    return float(6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * seq_len)

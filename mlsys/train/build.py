@@ -32,8 +32,9 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
     train_def, eval_def, state, shardings = create_state(cfg.model, spec, cfg.seed, tx, mesh, cfg.mesh.param_rules)
     put = batch_sharding(mesh, cfg.mesh.act_rules)
     if kind == "shard_map":
-        step = make_shard_map_step(train_def, tx, cfg.optim.clip_norm, lr_schedule, mesh, shardings, put.spec)
+        step = make_shard_map_step(train_def, tx, cfg.optim.clip_norm, lr_schedule, mesh, shardings, put.spec,
+                                   cfg.trainer.grad_accum)
     else:
-        step = make_train_step(train_def, tx, lr_schedule)
+        step = make_train_step(train_def, tx, lr_schedule, cfg.trainer.grad_accum)
     train_step = jax.jit(step, in_shardings=(shardings, put), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(state, shardings, train_step, jax.jit(make_eval_step(eval_def)), eval_def, put, lr_schedule)

@@ -14,6 +14,8 @@ from tqdm import tqdm
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
 from mlsys.errors import NonFiniteError
+from mlsys.models.gpt import flops_per_token
+from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
@@ -43,11 +45,12 @@ def train(cfg: Config, run_dir: str) -> dict:
     is_main = jax.process_index() == 0
 
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
-    validate(cfg, jax.device_count(), jax.process_count())
+    validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
 
     # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
     mesh = make_mesh(cfg.mesh)
+    enable_compile_cache(t.compile_cache)
 
     # --- Data: grain pipeline, each process reading only its rows of every global batch.
     dataset = data.load(d, cfg.seed)
@@ -59,6 +62,10 @@ def train(cfg: Config, run_dir: str) -> dict:
     state = run.state
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     per_device = bytes_per_device(state)
+    # Speed accounting: tokens per example, and for GPT models the FLOPs per token behind MFU.
+    tokens = d.seq_len if dataset.spec.task == "lm" else 0
+    flops_token = flops_per_token(cfg.model, n_params, d.seq_len) if cfg.model.name == "gpt" else 0.0
+    peak, peak_source = peak_tflops(jax.devices()[0].device_kind, t.peak_tflops) if flops_token else (0.0, None)
 
     def put(batch: dict) -> dict:  # this process's rows → one global array per field
         return {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()}
@@ -81,6 +88,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
     tracker.write_json("env.json", environment({
         "resumed_from": resume_dir, "start_step": start, "n_params": n_params, "compile_seconds": compile_s,
+        "flops_per_token": flops_token, "peak_tflops_per_device": peak, "peak_source": peak_source,
         "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
     if is_main:
         data.save_meta(dataset, run_dir)
@@ -96,9 +104,14 @@ def train(cfg: Config, run_dir: str) -> dict:
     try:
         with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
             while step < t.steps:
+                if t.profile and step == t.profile[0]:
+                    jax.profiler.start_trace(os.path.join(run_dir, "profile"))
                 state, metrics = train_step(state, put(batch))
                 pending.append(metrics)
                 step += 1
+                if t.profile and step == min(t.profile[1], t.steps):
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
                 save_now = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0)
                 if step % t.log_every == 0 or save_now:
                     # Fetch and check before any save, so that no NaN state is ever checkpointed.
@@ -114,6 +127,10 @@ def train(cfg: Config, run_dir: str) -> dict:
                     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                     mean.update(step_time_ms=1e3 * elapsed / (step - ticked_at),
                                 examples_per_s=d.batch_size * (step - ticked_at) / elapsed)
+                    if tokens:
+                        mean["tokens_per_s"] = mean["examples_per_s"] * tokens
+                    if flops_token:
+                        mean["mfu"] = mean["tokens_per_s"] * flops_token / (peak * 1e12 * mesh.size)
                     tracker.log(step, "train", mean)
                     bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.0f}")
                     bar.update(step - bar.n)

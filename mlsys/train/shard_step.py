@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from mlsys.errors import ConfigError
 from mlsys.parallel import activation_sharding
 from mlsys.train.state import TrainState
-from mlsys.train.step import cross_entropy
+from mlsys.train.step import loss_and_grads
 
 MANUAL = ("data", "fsdp")
 
@@ -48,7 +48,7 @@ def fsdp_dim(spec: P) -> int:
 
 
 def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, clip_norm: float, lr_schedule,
-                        mesh: jax.sharding.Mesh, shardings: TrainState, batch_spec: P):
+                        mesh: jax.sharding.Mesh, shardings: TrainState, batch_spec: P, grad_accum: int = 1):
     """`tx` must not clip: clipping needs the norm across slices and is done here."""
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     dims = [fsdp_dim(s.spec) for s in jax.tree.leaves(shardings.params)]
@@ -68,10 +68,6 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     def is_key(x):
         return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
-    def loss_fn(model, batch):
-        loss, correct = cross_entropy(model(batch["inputs"]), batch["targets"])
-        return loss.mean(), correct.mean()
-
     def local_step(state: TrainState, batch: dict):
         p_leaves, p_def = jax.tree.flatten(state.params)
         full = jax.tree.unflatten(p_def, [gather(p, d) for p, d in zip(p_leaves, dims)])
@@ -79,7 +75,7 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         rest = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_key(x) else x, state.rest)
         model = nnx.merge(graphdef, full, rest)
         with activation_sharding(None, None):  # inside the map the layout is explicit: no GSPMD constraints
-            (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+            (loss, acc), grads = loss_and_grads(model, batch, grad_accum)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         # RNG keys stay as they were (only counters move); batch statistics become the mean over shards.
         new_rest = jax.tree.map(

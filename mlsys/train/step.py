@@ -16,16 +16,45 @@ def cross_entropy(logits: Float[Array, "B *T C"], targets: Int[Array, "B *T"]):
     return loss, (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule):
-    def loss_fn(model: nnx.Module, batch: dict):
-        loss, correct = cross_entropy(model(batch["inputs"]), batch["targets"])
-        return loss.mean(), correct.mean()
+def loss_fn(model: nnx.Module, batch: dict):
+    loss, correct = cross_entropy(model(batch["inputs"]), batch["targets"])
+    return loss.mean(), correct.mean()
 
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """(B, ...) → (k, B/k, ...), micro-batch j holding rows j, j+k, j+2k, ...: each device keeps its own rows, so
+    splitting a data-parallel batch moves nothing between devices."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+
+
+def loss_and_grads(model: nnx.Module, batch: dict, grad_accum: int = 1):
+    """((mean loss, mean accuracy), gradients w.r.t. nnx.Param) of the batch; with grad_accum = k the batch runs
+    as k micro-batches under lax.scan (activations of one micro-batch alive at a time) and the result equals the
+    whole batch's. The model's other state (RNG counters, batch statistics) advances in place."""
+    if grad_accum == 1:
+        return nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def body(carry, micro):
+        params, rest, grads, loss, acc = carry  # params ride in the carry: NNX merges values of this trace only
+        m = nnx.merge(graphdef, params, rest)
+        (l, a), g = nnx.value_and_grad(loss_fn, has_aux=True)(m, micro)
+        _, _, rest = nnx.split(m, nnx.Param, ...)
+        return (params, rest, jax.tree.map(jnp.add, grads, g), loss + l, acc + a), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (params, rest, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (_, rest, grads, loss, acc), _ = jax.lax.scan(body, init, micro_batches(batch, grad_accum))
+    nnx.update(model, rest)
+    return (loss / grad_accum, acc / grad_accum), jax.tree.map(lambda g: g / grad_accum, grads)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1):
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Merge inside the trace so that NNX may advance RNG counters and batch statistics; gradients are taken
         # with respect to nnx.Param only.
         model = nnx.merge(graphdef, state.params, state.rest)
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        (loss, acc), grads = loss_and_grads(model, batch, grad_accum)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
