@@ -10,12 +10,12 @@ ARGS ?=
 # Tests simulate 8 devices on the CPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: install run test clean
+.PHONY: install run test clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
+	$(PY) -m pip install -q -e ".[dev,bench]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,3 +28,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache
+
+# Benchmarks (not part of CI: they need a quiet machine; the tests run every arm at a tiny size).
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(ARGS)

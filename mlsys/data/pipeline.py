@@ -30,8 +30,10 @@ def train_iterator(split, batch_size: int, seed: int, process_index: int = 0, pr
     local = batch_size // process_count
     rows = grain.MapDataset.range(sys.maxsize // batch_size * local).map(
         _LocalRows(stream, batch_size, process_index, process_count))
-    # Prefetch in one background thread: the next batch is read while the device computes.
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    # Read in the main thread: dispatch is asynchronous, so the next batch (about 0.3 ms for a shakespeare_char
+    # batch) is read while the device computes the last step; a prefetch thread only competed with XLA's threads
+    # for the cores (measured: +11% step time with one thread on 2 cores, see benchmarks/RESULTS.md).
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(rows.batch(local, drop_remainder=True).to_iter_dataset(options))
 
 

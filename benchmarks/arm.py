@@ -1,0 +1,186 @@
+"""One benchmark arm, alone in this process (so arms never share caches, threads or allocators); prints one JSON
+line. Run through benchmarks.run, which interleaves the arms and repeats them.
+
+    python -m benchmarks.arm --arm mlsys --size cpu --steps 100
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from benchmarks.sizes import SIZES, Size, mlsys_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def batch_of(size: Size, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, size.vocab, (size.batch, size.seq_len + 1), dtype=np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def mlsys_setup(size: Size, extra=()):
+    """mlsys's own training step (the compiled step experiments.run uses) on one device, and its config."""
+    import jax
+    from hydra import compose, initialize_config_dir
+
+    from mlsys.config import register, to_typed
+    from mlsys.models import DataSpec
+    from mlsys.parallel import make_mesh
+    from mlsys.train.build import build
+
+    register()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = to_typed(compose(config_name="config", overrides=[*mlsys_overrides(size), *extra]))
+    mesh = make_mesh(cfg.mesh)
+    run = build(cfg, DataSpec("lm", (size.seq_len,), "int32", size.vocab), mesh, 10_000)
+
+    def put(x, y):
+        return {"inputs": jax.device_put(x, run.batch_sharding), "targets": jax.device_put(y, run.batch_sharding)}
+
+    return cfg, mesh, run, put
+
+
+def timed(step, steps: int, sync) -> float:
+    """Steady-state ms per step: `steps` dispatched back to back, one sync at the end (as the loop runs)."""
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step()
+    sync(out)
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def arm_mlsys(size: Size, steps: int, grain: bool = False) -> dict:
+    import jax
+
+    from mlsys import data
+    from mlsys.parallel import activation_sharding
+
+    cfg, mesh, run, put = mlsys_setup(size)
+    x, y = batch_of(size)
+    batch = put(x, y)
+    state = run.state
+    with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
+        t0 = time.perf_counter()
+        step_fn = run.train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        it = None
+        if grain:  # the real input pipeline: tiny Shakespeare windows through grain, one batch per step
+            ds = data.load(cfg.data, 0)
+            it = data.train_iterator(ds.splits["train"], size.batch, 0)
+        box = {"state": state}
+
+        def one():
+            b = batch if it is None else {k: jax.device_put(v, run.batch_sharding) for k, v in next(it).items()}
+            box["state"], m = step_fn(box["state"], b)
+            return m
+
+        for _ in range(3):
+            jax.block_until_ready(one())
+        ms = timed(one, steps, jax.block_until_ready)
+    return {"compile_s": compile_s, "ms_per_step": ms}
+
+
+def arm_jax(size: Size, steps: int) -> dict:
+    import jax
+
+    from benchmarks import handwritten_jax as hw
+
+    params = hw.init(size, jax.random.key(0))
+    step, opt_state = hw.make_step(size, params)
+    x, y = (jax.device_put(a) for a in batch_of(size))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    box = {"p": params, "o": opt_state}
+
+    def one():
+        box["p"], box["o"], loss = compiled(box["p"], box["o"], x, y)
+        return loss
+
+    for _ in range(3):
+        jax.block_until_ready(one())
+    return {"compile_s": compile_s, "ms_per_step": timed(one, steps, jax.block_until_ready)}
+
+
+def arm_torch(size: Size, steps: int, compile: bool = False) -> dict:
+    import torch
+
+    from benchmarks import handwritten_torch as hw
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    step = hw.make_step(size, device, compile)
+    x, y = (torch.from_numpy(a.astype(np.int64)).to(device) for a in batch_of(size))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda *_: None)
+    t0 = time.perf_counter()
+    for _ in range(3):  # torch.compile compiles here; eager warms its allocator
+        step(x, y)
+    sync()
+    compile_s = time.perf_counter() - t0
+    ms = timed(lambda: step(x, y), steps, lambda _: sync())
+    return {"compile_s": compile_s, "ms_per_step": ms, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def arm_checkpoint(size: Size, steps: int, every: int = 25) -> dict:
+    """The loop's view of an asynchronous orbax save: how long `save` blocks, against the steps between saves."""
+    import tempfile
+
+    import jax
+
+    from mlsys import data
+    from mlsys.checkpoint import Checkpointer
+    from mlsys.parallel import activation_sharding
+
+    cfg, mesh, run, put = mlsys_setup(size)
+    batch = put(*batch_of(size))
+    ds = data.load(cfg.data, 0)
+    it = data.train_iterator(ds.splits["train"], size.batch, 0)
+    with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
+        ckpt = Checkpointer(tmp, max_to_keep=2)
+        step_fn = run.train_step.lower(run.state, batch).compile()
+        state, blocked, t_start = run.state, [], None
+        for i in range(1, steps + 1):
+            if i == 4:
+                jax.block_until_ready(state)
+                t_start = time.perf_counter()
+            state, m = step_fn(state, batch)
+            if i % every == 0:
+                # The loop fetches metrics (a sync) before every save, so the state is ready: what remains is
+                # the time the save itself holds the loop (device-to-host copy, then the write goes on behind).
+                jax.block_until_ready(state)
+                t0 = time.perf_counter()
+                ckpt.save(i, state, it)
+                blocked.append(time.perf_counter() - t0)
+        jax.block_until_ready(state)
+        total = time.perf_counter() - t_start
+        ckpt.close()
+    step_ms = 1e3 * (total - sum(blocked)) / (steps - 3)
+    save_ms = 1e3 * float(np.median(blocked))
+    return {"ms_per_step": step_ms, "save_blocked_ms": save_ms, "saves": len(blocked),
+            "blocked_fraction": save_ms / (every * step_ms)}
+
+
+ARMS = {
+    "mlsys": lambda s, n: arm_mlsys(s, n),
+    "mlsys-grain": lambda s, n: arm_mlsys(s, n, grain=True),
+    "jax": arm_jax,
+    "torch": lambda s, n: arm_torch(s, n),
+    "torch-compile": lambda s, n: arm_torch(s, n, compile=True),
+    "checkpoint": arm_checkpoint,
+}
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--arm", choices=sorted(ARMS), required=True)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--steps", type=int, default=100)
+    a = p.parse_args()
+    size = SIZES[a.size]
+    out = {"arm": a.arm, "size": a.size, **ARMS[a.arm](size, a.steps)}
+    out["tokens_per_s"] = size.batch * size.seq_len / (out["ms_per_step"] / 1e3)
+    print(json.dumps(out), flush=True)

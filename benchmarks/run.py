@@ -1,0 +1,86 @@
+"""make bench: every suite's arms, each in its own process, interleaved, repeated; medians and ratios in one table
+per suite, saved under benchmarks/results/ (JSON with every repeat, and Markdown).
+
+    python -m benchmarks.run                  # all CPU suites, 5 repeats
+    python -m benchmarks.run --suite cpu_gpt --repeats 7
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# suite -> (arms, size, steps, reference arm for ratios, what the ratios are checked against)
+SUITES = {
+    "cpu_gpt": (["mlsys", "jax", "torch"], "cpu", 100, "mlsys",
+                "goals: mlsys within 3% of hand-written JAX (jax/mlsys ms ratio >= 0.97), mlsys tokens/s >= torch eager"),
+    "pipeline": (["mlsys", "mlsys-grain"], "cpu", 100, "mlsys",
+                 "goal: the grain pipeline within 3% of a device-resident batch"),
+    "checkpoint": (["checkpoint"], "cpu", 200, "checkpoint",
+                   "goal: each asynchronous save blocks the loop for at most 5% of the steps between saves"),
+}
+
+
+def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.arm", "--arm", arm, "--size", size, "--steps", str(steps)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise SystemExit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(suite: str, rows: dict, ref: str, note: str) -> str:
+    keys = [k for k in ("ms_per_step", "tokens_per_s", "compile_s", "save_blocked_ms", "blocked_fraction")
+            if any(k in r[0] for r in rows.values())]
+    base = statistics.median(r["ms_per_step"] for r in rows[ref])
+    lines = [f"### {suite}", "", note, "",
+             "| arm | repeats | " + " | ".join(f"median {k}" for k in keys) + f" | ms/step ratio to {ref} |",
+             "|---" * (len(keys) + 3) + "|"]
+    for arm, reps in rows.items():
+        med = {k: statistics.median(r[k] for r in reps) for k in keys}
+        cells = " | ".join(f"{med[k]:.4g}" for k in keys)
+        lines.append(f"| {arm} | {len(reps)} | {cells} | {med['ms_per_step'] / base:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="append", choices=sorted(SUITES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=0, help="override every suite's steps per repeat")
+    p.add_argument("--size", default="", help="override every suite's model size (see benchmarks/sizes.py)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = p.parse_args()
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env.pop("XLA_FLAGS", None)  # one real device, as a user's run has
+    os.makedirs(a.out, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    report = [f"# make bench, {stamp}", "", f"machine: {platform.platform()}, {os.cpu_count()} cores, "
+              f"python {platform.python_version()}", ""]
+    for suite in a.suite or list(SUITES):
+        arms, size, steps, ref, note = SUITES[suite]
+        size = a.size or size
+        rows = {arm: [] for arm in arms}
+        for r in range(a.repeats):  # interleaved: arm A, B, C, then A, B, C again, ...
+            for arm in arms:
+                rows[arm].append(run_arm(arm, size, a.steps or steps, env))
+                print(f"[{suite}] repeat {r + 1}/{a.repeats} {arm}: {rows[arm][-1]['ms_per_step']:.2f} ms/step",
+                      flush=True)
+        text = table(suite, rows, ref, note)
+        print("\n" + text, flush=True)
+        report.append(text)
+        with open(os.path.join(a.out, f"{suite}.json"), "w") as f:
+            json.dump({"suite": suite, "size": size, "steps": steps, "when": stamp, "repeats": rows}, f, indent=1)
+    with open(os.path.join(a.out, "latest.md"), "w") as f:
+        f.write("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

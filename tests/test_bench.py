@@ -1,0 +1,50 @@
+"""The benchmark harness runs for real at a tiny size: every arm, the suite runner's table, the GPU script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+ENV.pop("XLA_FLAGS", None)
+
+
+def arm(name, size="tiny", steps=3):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.arm", "--arm", name, "--size", size, "--steps", str(steps)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["mlsys", "mlsys-grain", "jax", "torch"])
+def test_each_arm_reports_its_speed(name):
+    r = arm(name)
+    assert r["arm"] == name and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] >= 0
+
+
+def test_checkpoint_arm_reports_blocked_time():
+    r = arm("checkpoint", steps=50)
+    assert r["saves"] == 2 and 0 < r["blocked_fraction"] and r["save_blocked_ms"] > 0
+
+
+def test_suite_runner_writes_medians_and_ratios(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "pipeline", "--repeats", "2", "--steps",
+                          "3", "--size", "tiny", "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "latest.md").read_text()
+    assert "| mlsys-grain | 2 |" in table and "ratio to mlsys" in table
+    assert len(json.loads((tmp_path / "pipeline.json").read_text())["repeats"]["mlsys"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
+    env = {**ENV, "SIZE": "tiny", "REPEATS": "1", "STEPS": "2", "PY": sys.executable, "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| torch-compile |" in out.stdout and "| mlsys |" in out.stdout and "| jax |" in out.stdout
