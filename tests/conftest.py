@@ -24,6 +24,9 @@ PRESETS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "exp")) if f.ends
 TINY = {
     "digits_mlp": ["trainer.steps=20", "trainer.log_every=5", "trainer.eval_every=10", "model.hidden=[32]"],
     "digits_cnn": ["trainer.steps=10", "trainer.log_every=5", "model.channels=[4,8]", "model.hidden=16"],
+    "gpt2_124m": ["trainer.steps=4", "trainer.log_every=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                  "model.block_size=16", "model.vocab_size=256", "data.vocab_size=256", "data.seq_len=16",
+                  "data.batch_size=4", "data.eval_batches=1", "optim.warmup_steps=1"],
     "shakespeare_char": ["trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=0", "trainer.ckpt_every=0",
                          "model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.seq_len=16",
                          "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20"],

@@ -136,7 +136,9 @@ def train(cfg: Config, run_dir: str) -> dict:
                     bar.update(step - bar.n)
                     pending, tick, ticked_at, results["train"] = [], time.perf_counter(), step, mean
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    t_eval = time.perf_counter()
                     tracker.log(step, "val", evaluate(eval_step, state, dataset.splits["val"], cfg, put))
+                    tick += time.perf_counter() - t_eval  # evaluation time is not step time
                 if save_now:
                     ckpt.save(step, state, train_iter)
                     last_saved = step
