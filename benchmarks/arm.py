@@ -165,6 +165,53 @@ def arm_checkpoint(size: Size, steps: int, every: int = 25) -> dict:
             "blocked_fraction": save_ms / (every * step_ms)}
 
 
+NAMES = {"digits_mlp": "mlp", "digits_cnn": "cnn", "shakespeare_char": "gpt"}
+
+
+def arm_latency(runtime: str) -> dict:
+    """Inference latency (ms per call, each call waited for) of the digits MLP and CNN and the shakespeare GPT at
+    batch 1 and 64: jax.jit, or ONNX Runtime on the exported model (fp32 or INT8)."""
+    import tempfile
+
+    import jax
+    from flax import nnx
+    from hydra import compose, initialize_config_dir
+
+    from mlsys.config import register, to_typed
+    from mlsys.data import load
+    from mlsys.export.onnx_export import export_view, ort_run, ort_session, quantize_int8, to_onnx
+    from mlsys.models import build_model
+
+    register()
+    out = {}
+    for exp in ("digits_mlp", "digits_cnn", "shakespeare_char"):
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+            cfg = to_typed(compose(config_name="config", overrides=[f"+exp={exp}"]))
+        spec = load(cfg.data, 0).spec
+        model = export_view(build_model(cfg.model, spec, nnx.Rngs(0)))
+        if runtime != "jax":
+            tmp = tempfile.mkdtemp()
+            path = os.path.join(tmp, "model.onnx")
+            to_onnx(model, spec, path, getattr(cfg.model, "block_size", None))
+            if runtime == "ort-int8":
+                quantize_int8(path, os.path.join(tmp, "q.onnx"))
+                path = os.path.join(tmp, "q.onnx")
+            sess = ort_session(path)
+        fn = jax.jit(lambda x: model(x))
+        for batch in (1, 64):
+            shape = (batch, *spec.input_shape)
+            x = np.zeros(shape, np.int32) if spec.task == "lm" else np.random.rand(*shape).astype(np.float32)
+            call = (lambda: fn(x).block_until_ready()) if runtime == "jax" else (lambda: ort_run(sess, x))
+            for _ in range(5):
+                call()
+            n = 200 if batch == 1 else 30
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call()
+            out[f"{NAMES[exp]}@{batch}"] = 1e3 * (time.perf_counter() - t0) / n
+    return {"latency_ms": out, "ms_per_step": out["mlp@1"], "compile_s": 0.0}
+
+
 ARMS = {
     "mlsys": lambda s, n: arm_mlsys(s, n),
     "mlsys-grain": lambda s, n: arm_mlsys(s, n, grain=True),
@@ -172,6 +219,9 @@ ARMS = {
     "torch": lambda s, n: arm_torch(s, n),
     "torch-compile": lambda s, n: arm_torch(s, n, compile=True),
     "checkpoint": arm_checkpoint,
+    "latency-jax": lambda s, n: arm_latency("jax"),
+    "latency-ort": lambda s, n: arm_latency("ort"),
+    "latency-ort-int8": lambda s, n: arm_latency("ort-int8"),
 }
 
 if __name__ == "__main__":
@@ -182,5 +232,6 @@ if __name__ == "__main__":
     a = p.parse_args()
     size = SIZES[a.size]
     out = {"arm": a.arm, "size": a.size, **ARMS[a.arm](size, a.steps)}
-    out["tokens_per_s"] = size.batch * size.seq_len / (out["ms_per_step"] / 1e3)
+    if "latency_ms" not in out:
+        out["tokens_per_s"] = size.batch * size.seq_len / (out["ms_per_step"] / 1e3)
     print(json.dumps(out), flush=True)

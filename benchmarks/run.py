@@ -25,6 +25,8 @@ SUITES = {
                  "goal: the grain pipeline within 3% of a device-resident batch"),
     "checkpoint": (["checkpoint"], "cpu", 200, "checkpoint",
                    "goal: each asynchronous save blocks the loop for at most 5% of the steps between saves"),
+    "export_latency": (["latency-jax", "latency-ort", "latency-ort-int8"], "cpu", 0, "latency-jax",
+                       "inference ms per call (model@batch); goal: ONNX Runtime fp32 no slower than JAX at batch 1"),
 }
 
 
@@ -36,7 +38,20 @@ def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def latency_table(suite: str, rows: dict, ref: str, note: str) -> str:
+    cases = list(rows[ref][0]["latency_ms"])
+    lines = [f"### {suite}", "", note, "", "| case | " + " | ".join(f"{a} ms" for a in rows) + " | " +
+             " | ".join(f"{a} / {ref}" for a in rows if a != ref) + " |", "|---" * (1 + 2 * len(rows) - 1) + "|"]
+    for case in cases:
+        med = {a: statistics.median(r["latency_ms"][case] for r in reps) for a, reps in rows.items()}
+        lines.append(f"| {case} | " + " | ".join(f"{med[a]:.3f}" for a in rows) + " | " +
+                     " | ".join(f"{med[a] / med[ref]:.2f}" for a in rows if a != ref) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(suite: str, rows: dict, ref: str, note: str) -> str:
+    if "latency_ms" in rows[ref][0]:
+        return latency_table(suite, rows, ref, note)
     keys = [k for k in ("ms_per_step", "tokens_per_s", "compile_s", "save_blocked_ms", "blocked_fraction")
             if any(k in r[0] for r in rows.values())]
     base = statistics.median(r["ms_per_step"] for r in rows[ref])

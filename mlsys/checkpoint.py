@@ -67,13 +67,18 @@ def find_run(resume: str, current_run_dir: str) -> str | None:
     return resume
 
 
-def restore(run_dir: str, abstract_state, data_iter):
-    """Restore the newest readable checkpoint of `run_dir` into shardings given by `abstract_state` (a tree of
-    jax.ShapeDtypeStruct with .sharding) and set `data_iter` to its saved position. An unreadable step (empty,
-    partly written, corrupt) is skipped with a warning in favour of the one before it."""
+def restore(run_dir: str, abstract_state, data_iter, step: int | None = None):
+    """Restore the newest readable checkpoint of `run_dir` (or exactly `step`) into shardings given by
+    `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) and set `data_iter` to its saved position. An
+    unreadable step (empty, partly written, corrupt) is skipped with a warning in favour of the one before it."""
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     manager = ocp.CheckpointManager(directory, options=_options(read_only=True))
     steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            manager.close()
+            raise CheckpointError(f"step={step}: {directory} has no such checkpoint; it has steps {sorted(steps)}")
+        steps = [step]
     errors = []
     try:
         for step in steps:

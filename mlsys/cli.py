@@ -41,3 +41,17 @@ def summary(name: str, steps: int, seconds: float, results: dict, run_dir: str) 
         lines += ["  sample:", *("    " + s for s in results["sample"].splitlines())]
     lines.append(f"run dir: {os.path.relpath(run_dir)}")
     return "\n".join(lines)
+
+
+def key_values(argv: list[str], allowed: dict) -> dict:
+    """`key=value` arguments for the small entry points (export, verify); `allowed` maps key -> description."""
+    from mlsys.errors import ConfigError
+
+    out = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in allowed:
+            raise ConfigError(f"{arg!r}: expected key=value with key in {sorted(allowed)} "
+                              f"({'; '.join(f'{k}: {v}' for k, v in allowed.items())})")
+        out[key] = value
+    return out

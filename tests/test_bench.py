@@ -20,10 +20,14 @@ def arm(name, size="tiny", steps=3):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["mlsys", "mlsys-grain", "jax", "torch"])
+@pytest.mark.parametrize("name", ["mlsys", "mlsys-grain", "jax", "torch", "latency-ort-int8"])
 def test_each_arm_reports_its_speed(name):
     r = arm(name)
-    assert r["arm"] == name and r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] >= 0
+    assert r["arm"] == name and r["ms_per_step"] > 0 and r["compile_s"] >= 0
+    if name.startswith("latency"):
+        assert set(r["latency_ms"]) == {f"{m}@{b}" for m in ("mlp", "cnn", "gpt") for b in (1, 64)}
+    else:
+        assert r["tokens_per_s"] > 0
 
 
 def test_checkpoint_arm_reports_blocked_time():

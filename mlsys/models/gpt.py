@@ -46,11 +46,12 @@ class GPTConfig:
     vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (128 suits matrix units); padding never wins
 
 
-def rope(x: Float[Array, "B T H D"], base: float) -> Float[Array, "B T H D"]:
+def rope(x: Float[Array, "B T H D"], base: float, max_len: int) -> Float[Array, "B T H D"]:
     """Rotary position embedding (rotate-half form) applied to queries or keys."""
     t, d = x.shape[1], x.shape[-1]
     inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # T, D/2
+    # The table is built for max_len positions and sliced: T may be symbolic (ONNX export), arange(T) could not be.
+    angles = (jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :])[:t]  # T, D/2
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -61,6 +62,8 @@ class Attention(nnx.Module):
         d, dt, pdt = cfg.d_model, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.n_head, self.pos_emb, self.rope_base = cfg.n_head, cfg.pos_emb, cfg.rope_base
         self.implementation = ATTENTION[cfg.attention]
+        self.max_len = cfg.block_size
+        self.explicit_mask = False  # True (set by nnx.view at export): a sliced mask table, for a symbolic T
         self.qkv = nnx.Linear(d, 3 * d, use_bias=cfg.bias, dtype=dt, param_dtype=pdt, rngs=rngs,
                               kernel_init=dense_init(("embed", "heads"), 0.02))
         # GPT-2: residual projections start smaller, by 1/sqrt(2 * n_layer).
@@ -68,15 +71,24 @@ class Attention(nnx.Module):
                                kernel_init=dense_init(("heads", "embed"), 0.02 / sqrt(2 * cfg.n_layer)))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
+    def set_view(self, explicit_mask: bool | None = None):
+        """For nnx.view(model, explicit_mask=True)."""
+        if explicit_mask is not None:
+            self.explicit_mask = explicit_mask
+
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head)
         qkv = constrain(qkv, ("batch", "seq", None, "heads", None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.pos_emb == "rope":
-            q, k = rope(q, self.rope_base), rope(k, self.rope_base)
+            q, k = rope(q, self.rope_base, self.max_len), rope(k, self.rope_base, self.max_len)
         # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        if self.explicit_mask:  # ONNX export: is_causal needs a static T, a mask table sliced to T does not
+            mask = jnp.tril(jnp.ones((self.max_len, self.max_len), bool))[:t, :t][None, None]
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return self.dropout(self.proj(y.reshape(b, t, d)))
 
 
@@ -133,7 +145,7 @@ class GPT(nnx.Module):
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
         x = self.wte(tokens)
         if self.wpe is not None:
-            x = x + self.wpe(jnp.arange(tokens.shape[1]))[None]
+            x = x + self.wpe.embedding[...][: tokens.shape[1]].astype(x.dtype)[None]  # sliced: T may be symbolic
         x = constrain(self.dropout(x), ("batch", "seq", "embed"))
         for block in self.blocks:
             x = nnx.remat(_run_block, policy=self.remat_policy)(block, x) if self.remat else block(x)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mlsys import checkpoint, data, sample
@@ -92,6 +93,8 @@ def train(cfg: Config, run_dir: str) -> dict:
         "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
     if is_main:
         data.save_meta(dataset, run_dir)
+        # The resolved config beside the run, whether Hydra launched it or a notebook did (export reads it).
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
         log.info("%s: %s params, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
                  dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
     ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)

@@ -1,0 +1,26 @@
+"""Export a trained run: python -m experiments.export run=<run dir> [step=N] [format=onnx,torch] [quantize=int8]
+[out=<folder>]"""
+
+import sys
+
+from mlsys.cli import friendly_errors, key_values
+from mlsys.errors import ConfigError
+
+ARGS = {"run": "a run dir", "step": "a checkpoint step (default: the latest)", "format": "onnx,torch",
+        "quantize": "int8", "out": "the export folder (default: <run>/export/step_<N>)"}
+
+
+@friendly_errors
+def main(argv: list[str]) -> None:
+    a = key_values(argv, ARGS)
+    if "run" not in a:
+        raise ConfigError("run=<run dir> is required, e.g. python -m experiments.export run=runs/digits_mlp/<time>")
+    from mlsys.export import export_run
+
+    step = int(a["step"]) if a.get("step") else None
+    out = export_run(a["run"], step, tuple(a.get("format", "onnx,torch").split(",")), a.get("quantize"), a.get("out"))
+    print(f"export: {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,117 @@
+"""The production bridge: a trained run → an export folder with ONNX, a PyTorch mirror (safetensors weights and a
+self-contained torch.export program), optional INT8, and a signed manifest. Parity with JAX is part of export: if
+ONNX Runtime or torch disagree with JAX beyond the tolerance on the run's own held-out data, export fails."""
+
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+import jax
+import numpy as np
+
+from mlsys.export.manifest import verify, write_signed
+from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
+from mlsys.export.restore import LoadedRun, load_run
+
+FORMATS = ("onnx", "torch")
+MIRRORED = ("mlp", "cnn", "gpt")
+
+
+def held_out(run: LoadedRun, n: int = 64) -> np.ndarray:
+    """Real inputs the model did not train on: the test split (else validation), spread over it."""
+    split = run.dataset.splits.get("test") or run.dataset.splits["val"]
+    idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
+    return np.stack([split[int(i)]["inputs"] for i in idx])
+
+
+def parity(name: str, got: np.ndarray, want: np.ndarray, tol: float) -> float:
+    diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+    if not diff <= tol:
+        raise ExportError(f"parity failed: {name} differs from JAX by max |diff| = {diff:.3g} > {tol:g} on held-out "
+                          f"inputs; the export was not written")
+    return diff
+
+
+def accuracy(outputs: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(outputs.argmax(-1) == targets))
+
+
+def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize: str | None = None,
+               out: str | None = None, tol: float = 1e-4) -> str:
+    """Export a run; returns the export folder. Raises ExportError (and writes nothing) if parity fails."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"format={','.join(formats)}: choose from {list(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize={quantize!r}: only int8 is supported")
+    run = load_run(run_dir, step)
+    family, spec = run.cfg.model.name, run.dataset.spec
+    out = os.path.abspath(out or os.path.join(run.run_dir, "export", f"step_{run.step}"))
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        x = held_out(run)
+        want = np.asarray(run.model(jax.numpy.asarray(x)))
+        manifest = {
+            "family": family, "model_config": asdict(run.cfg.model), "data": run.cfg.data.name,
+            "preprocessing": preprocessing(run), "source": {
+                "run_dir": run.run_dir, "step": run.step, "experiment": run.cfg.name,
+                "git": run.env.get("git"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            "parity": {"tolerance": tol, "inputs": f"{len(x)} held-out examples"}, "formats": [],
+        }
+        max_len = getattr(run.cfg.model, "block_size", None)
+        if "onnx" in formats:
+            manifest["onnx"] = to_onnx(run.model, spec, os.path.join(tmp, "model.onnx"), max_len)
+            fp32 = ort_session(os.path.join(tmp, "model.onnx"))
+            manifest["parity"]["onnx_max_abs_diff"] = parity("ONNX Runtime", ort_run(fp32, x), want, tol)
+            manifest["formats"].append("onnx")
+            if quantize == "int8":
+                manifest["int8"] = int8(run, tmp, fp32)
+                manifest["formats"].append("onnx-int8")
+        if "torch" in formats:
+            if family in MIRRORED:
+                from mlsys.export.torch_export import export_torch
+
+                manifest["torch"] = export_torch(run, tmp, x, want, tol)
+                manifest["parity"]["torch_max_abs_diff"] = manifest["torch"].pop("max_abs_diff")
+                manifest["formats"].append("torch")
+            else:
+                manifest["torch"] = None
+                print(f"note: model {run.cfg.model.target} is not a built-in family: only ONNX is available "
+                      f"(the PyTorch mirror exists for {', '.join(MIRRORED)})")
+        write_signed(tmp, manifest)
+        verify(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def preprocessing(run: LoadedRun) -> dict:
+    meta = run.dataset.meta
+    if "vocab" in meta:
+        return {"kind": "tokens", "vocab": meta["vocab"], "max_length": getattr(run.cfg.model, "block_size", None)}
+    return {"kind": "array", "input_shape": list(run.dataset.spec.input_shape), "dtype": "float32",
+            "normalization": meta.get("normalization", "none")}
+
+
+def int8(run: LoadedRun, folder: str, fp32) -> dict:
+    src, dst = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
+    quantize_int8(src, dst)
+    q = ort_session(dst)
+    info = {"size_ratio": os.path.getsize(src) / os.path.getsize(dst)}
+    split = run.dataset.splits.get("test") or run.dataset.splits["val"]
+    if run.dataset.spec.task == "classify":
+        xs = np.stack([split[i]["inputs"] for i in range(len(split))])
+        ys = np.stack([split[i]["targets"] for i in range(len(split))])
+        info.update(accuracy_fp32=accuracy(ort_run(fp32, xs), ys), accuracy_int8=accuracy(ort_run(q, xs), ys),
+                    examples=len(ys))
+    return info
+
+
+__all__ = ["export_run", "verify", "ExportError", "FORMATS"]

@@ -1,0 +1,168 @@
+"""PyTorch mirrors of the built-in families (MLP, CNN, GPT): the same computation, written for torch, loaded from
+the trained parameters. Inputs keep mlsys's layout (images NHWC, tokens (B, T)), so one preprocessing serves JAX,
+ONNX and torch. Flax kernels are (in, out), torch weights (out, in): weight = kernel.T."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACT = {"relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict, in_features: int, classes: int):
+        super().__init__()
+        dims = [in_features, *cfg["hidden"]]
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(cfg["hidden"])))
+        self.head = nn.Linear(dims[-1], classes)
+        self.act = cfg["activation"]
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            x = ACT[self.act](layer(x))
+        return self.head(x)
+
+
+class CNN(nn.Module):
+    def __init__(self, cfg: dict, input_shape, classes: int):
+        super().__init__()
+        h, w, c = input_shape
+        k = cfg["kernel_size"]
+        if k % 2 == 0:
+            raise ValueError("the torch mirror supports odd kernel sizes (SAME padding is then symmetric)")
+        self.norm, self.pool_kind = cfg["norm"], cfg["pool"]
+        self.convs, self.norms, self.pooled = nn.ModuleList(), nn.ModuleList(), []
+        for ch in cfg["channels"]:
+            self.convs.append(nn.Conv2d(c, ch, k, padding=k // 2))
+            self.norms.append(nn.BatchNorm2d(ch, eps=1e-5) if self.norm == "batch"
+                              else nn.LayerNorm(ch, eps=1e-6) if self.norm == "layer" else nn.Identity())
+            pool = h > 1 and w > 1
+            self.pooled.append(pool)
+            h, w, c = (h // 2, w // 2, ch) if pool else (h, w, ch)
+        self.fc = nn.Linear(h * w * c, cfg["hidden"])
+        self.head = nn.Linear(cfg["hidden"], classes)
+
+    def forward(self, x):  # x: B H W C, as in mlsys
+        x = x.permute(0, 3, 1, 2)
+        for conv, norm, pooled in zip(self.convs, self.norms, self.pooled):
+            x = conv(x)
+            x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.norm == "layer" else norm(x)
+            x = F.relu(x)
+            if pooled:
+                x = F.max_pool2d(x, 2) if self.pool_kind == "max" else F.avg_pool2d(x, 2)
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # flatten in NHWC order, as flax does
+        return self.head(F.relu(self.fc(x)))
+
+
+def rope(x, base: float):
+    t, d = x.shape[1], x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        d, dff, b, eps = cfg["d_model"], cfg["d_ff"] or 4 * cfg["d_model"], cfg["bias"], cfg["norm_eps"]
+        self.n_head, self.rope, self.rope_base = cfg["n_head"], cfg["pos_emb"] == "rope", cfg["rope_base"]
+        self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=eps, bias=b), nn.LayerNorm(d, eps=eps, bias=b)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=b), nn.Linear(d, d, bias=b)
+        self.fc, self.fc_out = nn.Linear(d, dff, bias=b), nn.Linear(dff, d, bias=b)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        qkv = self.qkv(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.rope:
+            q, k = rope(q, self.rope_base), rope(k, self.rope_base)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: dict, vocab: int):
+        super().__init__()
+        padded = math.ceil(vocab / cfg["vocab_multiple"]) * cfg["vocab_multiple"]
+        self.vocab, d = vocab, cfg["d_model"]
+        self.wte = nn.Embedding(padded, d)
+        self.wpe = nn.Embedding(cfg["block_size"], d) if cfg["pos_emb"] == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg["n_layer"]))
+        self.ln_f = nn.LayerNorm(d, eps=cfg["norm_eps"], bias=cfg["bias"])
+        self.lm_head = None if cfg["tie_embeddings"] else nn.Linear(d, padded, bias=False)
+
+    def forward(self, tokens):
+        x = self.wte(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[: tokens.shape[1]][None]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
+        if logits.shape[-1] > self.vocab:
+            logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= self.vocab, -1e30)
+        return logits
+
+
+def _linear(sd: dict, prefix: str, p: dict) -> None:
+    sd[f"{prefix}.weight"] = np.asarray(p["kernel"]).T
+    if "bias" in p:
+        sd[f"{prefix}.bias"] = np.asarray(p["bias"])
+
+
+def _norm(sd: dict, prefix: str, p: dict) -> None:
+    sd[f"{prefix}.weight"] = np.asarray(p["scale"])
+    if "bias" in p:
+        sd[f"{prefix}.bias"] = np.asarray(p["bias"])
+
+
+def state_dict(family: str, p: dict) -> dict:
+    """Flax parameters (a pure nested dict of nnx.state(model)) → the mirror's state_dict, as numpy arrays."""
+    sd: dict = {}
+    if family == "mlp":
+        for i, layer in sorted(p["layers"].items()):
+            _linear(sd, f"layers.{i}", layer)
+        _linear(sd, "head", p["head"])
+    elif family == "cnn":
+        for i, conv in sorted(p["convs"].items()):
+            sd[f"convs.{i}.weight"] = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)  # HWIO → OIHW
+            sd[f"convs.{i}.bias"] = np.asarray(conv["bias"])
+        for i, norm in sorted(p["norms"].items()):
+            if norm:
+                _norm(sd, f"norms.{i}", norm)
+                if "mean" in norm:
+                    sd[f"norms.{i}.running_mean"] = np.asarray(norm["mean"])
+                    sd[f"norms.{i}.running_var"] = np.asarray(norm["var"])
+                    sd[f"norms.{i}.num_batches_tracked"] = np.asarray(0, np.int64)
+        _linear(sd, "fc", p["fc"])
+        _linear(sd, "head", p["head"])
+    else:
+        sd["wte.weight"] = np.asarray(p["wte"]["embedding"])
+        if p.get("wpe"):
+            sd["wpe.weight"] = np.asarray(p["wpe"]["embedding"])
+        for i, blk in sorted(p["blocks"].items()):
+            _norm(sd, f"blocks.{i}.ln_1", blk["ln_1"])
+            _norm(sd, f"blocks.{i}.ln_2", blk["ln_2"])
+            _linear(sd, f"blocks.{i}.qkv", blk["attn"]["qkv"])
+            _linear(sd, f"blocks.{i}.proj", blk["attn"]["proj"])
+            _linear(sd, f"blocks.{i}.fc", blk["mlp"]["fc"])
+            _linear(sd, f"blocks.{i}.fc_out", blk["mlp"]["proj"])
+        _norm(sd, "ln_f", p["ln_f"])
+        if p.get("lm_head"):
+            _linear(sd, "lm_head", p["lm_head"])
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+def build(family: str, cfg: dict, spec) -> nn.Module:
+    if family == "mlp":
+        return MLP(cfg, int(np.prod(spec.input_shape)), spec.num_classes)
+    if family == "cnn":
+        return CNN(cfg, spec.input_shape, spec.num_classes)
+    return GPT(cfg, cfg["vocab_size"] or spec.num_classes)

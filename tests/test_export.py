@@ -1,0 +1,180 @@
+"""Export: every built-in family to ONNX and PyTorch with parity on held-out data, INT8, signed manifests,
+verification, and every bad input (missing run, no checkpoint, unconvertible op, parity failure, tampering)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlsys.errors import CheckpointError
+from mlsys.export import ExportError, export_run
+from mlsys.export.manifest import VerifyError, verify
+from mlsys.export.onnx_export import ort_run, ort_session
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("signing_key")
+
+
+@pytest.fixture
+def signing_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # a fresh key, generated once per test
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One short real run per family (module-scoped: training is the slow part)."""
+    from mlsys.train import train
+    from tests.conftest import tiny, typed_cfg
+
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, exp, extra in [
+        ("mlp", "digits_mlp", ["trainer.steps=100", "model.hidden=[256,256]", "optim.warmup_steps=10"]),
+        ("cnn", "digits_cnn", ["trainer.steps=30"]),
+        ("gpt", "shakespeare_char", ["model.pos_emb=rope"]),
+        ("custom", None, ["model=custom", "model.target=tests.fixtures.user_model:TinyNet", "trainer.steps=20"]),
+    ]:
+        run_dir = str(root / name)
+        train(typed_cfg(tiny(exp, *extra)), run_dir)
+        out[name] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gpt"])
+def test_export_every_family_with_parity(runs, tmp_path, family):
+    out = export_run(runs[family], out=str(tmp_path / "export"), quantize="int8")
+    m = verify(out)
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2"}
+    assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
+    assert m["family"] == family and m["source"]["step"] > 0 and m["source"]["run_dir"] == runs[family]
+    sess = ort_session(os.path.join(out, "model.onnx"))
+    if family == "gpt":  # batch and sequence length are both symbolic
+        assert m["onnx"]["inputs"][0]["shape"] == ["B", "T"] and m["preprocessing"]["vocab"]["chars"]
+        for b, t in [(1, 5), (3, 16)]:
+            assert ort_run(sess, np.zeros((b, t), np.int32)).shape == (b, t, 65)
+    else:
+        assert m["onnx"]["inputs"][0]["shape"] == ["B", 8, 8, 1] and m["preprocessing"]["normalization"]
+        for b in (1, 7):
+            assert ort_run(sess, np.zeros((b, 8, 8, 1), np.float32)).shape == (b, 10)
+
+
+def test_int8_digits_keeps_accuracy_and_is_3x_smaller(runs, tmp_path):
+    m = verify(export_run(runs["mlp"], out=str(tmp_path / "e"), formats=("onnx",), quantize="int8"))
+    q = m["int8"]
+    assert q["size_ratio"] >= 3.0 and abs(q["accuracy_fp32"] - q["accuracy_int8"]) <= 0.01
+    assert q["accuracy_fp32"] > 0.9 and q["examples"] == 359
+
+
+def test_torch_program_runs_with_torch_alone(runs, tmp_path):
+    out = export_run(runs["gpt"], out=str(tmp_path / "e"), formats=("torch",))
+    code = ("import sys, torch\n"
+            f"m = torch.export.load({os.path.join(out, 'model.pt2')!r}).module()\n"
+            "y = m(torch.zeros((2, 9), dtype=torch.int64))\n"
+            "assert y.shape == (2, 9, 65), y.shape\n"
+            "assert not any(k.split('.')[0] in ('jax', 'flax', 'mlsys') for k in sys.modules)\n"
+            "from safetensors.torch import load_file\n"
+            f"w = load_file({os.path.join(out, 'model.safetensors')!r}); print('ok', len(w))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_custom_model_exports_onnx_only(runs, tmp_path, capsys):
+    out = export_run(runs["custom"], out=str(tmp_path / "e"))
+    m = verify(out)
+    assert m["formats"] == ["onnx"] and m["torch"] is None and set(m["files"]) == {"model.onnx"}
+    assert "only ONNX is available" in capsys.readouterr().out
+
+
+def test_parity_failure_fails_and_writes_nothing(runs, tmp_path):
+    with pytest.raises(ExportError, match=r"parity failed: ONNX Runtime differs from JAX by max \|diff\| = "):
+        export_run(runs["mlp"], out=str(tmp_path / "e"), tol=1e-12)
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(str(tmp_path / "e") + ".partial")
+
+
+def test_unconvertible_operation_names_it_and_the_layer(tmp_path, train_tiny):
+    _, run_dir = train_tiny(None, "model=custom", "model.target=tests.fixtures.user_model:HostCallbackNet",
+                            "trainer.steps=2", "trainer.log_every=1")
+    with pytest.raises(ExportError, match=r"jax2onnx cannot convert this model: .*'pure_callback'.*"
+                                          r"\(in pure_callback at .*user_model.py:\d+"):
+        export_run(run_dir, out=str(tmp_path / "e"))
+
+
+def test_missing_run_and_missing_checkpoint(tmp_path, train_tiny):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        export_run(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "not_a_run")
+    with pytest.raises(CheckpointError, match="not a run dir"):
+        export_run(str(tmp_path / "not_a_run"))
+    _, run_dir = train_tiny("digits_mlp", run_dir=tmp_path / "r")
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        export_run(run_dir)
+    with pytest.raises(ExportError, match="format=pickle"):
+        export_run(run_dir, formats=("pickle",))
+
+
+def test_tampering_is_caught_and_named(runs, tmp_path):
+    out = export_run(runs["mlp"], out=str(tmp_path / "e"), formats=("onnx",))
+    onnx_path = os.path.join(out, "model.onnx")
+    original = open(onnx_path, "rb").read()
+    open(onnx_path, "ab").write(b"\0")
+    with pytest.raises(VerifyError, match=r"model.onnx: sha256 differs"):
+        verify(out)
+    open(onnx_path, "wb").write(original)
+    verify(out)
+    manifest = os.path.join(out, "manifest.json")
+    body = json.load(open(manifest))
+    body["parity"]["onnx_max_abs_diff"] = 0.0  # a "better" number, without re-signing
+    open(manifest, "w").write(json.dumps(body, indent=2, sort_keys=True))
+    with pytest.raises(VerifyError, match=r"manifest.sig: the signature does not match"):
+        verify(out)
+
+
+def test_a_trusted_key_rejects_a_re_signed_folder(runs, tmp_path, monkeypatch):
+    out = export_run(runs["mlp"], out=str(tmp_path / "e"), formats=("onnx",))
+    trusted = str(tmp_path / "trusted.pem")
+    shutil.copy(os.path.join(out, "public_key.pem"), trusted)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "attacker"))  # another key re-signs a copy
+    forged = export_run(runs["mlp"], out=str(tmp_path / "forged"), formats=("onnx",))
+    verify(forged)  # consistent with its own key...
+    with pytest.raises(VerifyError, match="signature does not match"):
+        verify(forged, public_key=trusted)  # ...but not with the key you trust
+
+
+def test_cli_export_and_verify(runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    out = str(tmp_path / "e")
+    r = subprocess.run([sys.executable, "-m", "experiments.export", f"run={runs['mlp']}", "format=onnx",
+                        f"out={out}"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith(out), r.stderr[-2000:]
+    ok = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 files")
+    os.remove(os.path.join(out, "model.onnx"))
+    bad = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "model.onnx: listed in the manifest but missing" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    r = subprocess.run([sys.executable, "-m", "experiments.export", "run=/no/such/run"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nothing_from_elsewhere_is_ever_unpickled():
+    """Static guard over the library: no pickle, torch.load only with weights_only=True, np.load never pickles."""
+    import re
+
+    offenders = []
+    for root, _, files in os.walk(os.path.join(ROOT, "mlsys")):
+        for f in files:
+            if f.endswith(".py"):
+                src = open(os.path.join(root, f)).read()
+                if re.search(r"^\s*(import pickle|from pickle|import cloudpickle)", src, re.M):
+                    offenders.append(f"{f}: pickle")
+                offenders += [f"{f}: torch.load" for m in re.finditer(r"torch\.load\(([^)]*)\)", src)
+                              if "weights_only=True" not in m.group(1)]
+                offenders += [f"{f}: np.load" for m in re.finditer(r"np\.load\(([^)]*)\)", src)
+                              if "allow_pickle=False" not in m.group(1)]
+    assert not offenders
