@@ -3,7 +3,6 @@ and the grain iterator's position, saved asynchronously; restored onto any mesh 
 
 import logging
 import os
-import shutil
 
 import grain
 import jax
@@ -102,7 +101,3 @@ def restore(run_dir: str, abstract_state, data_iter, step: int | None = None):
 
 def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
-def remove(run_dir: str) -> None:
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

@@ -163,10 +163,6 @@ def bytes_per_device(tree) -> dict:
     return out
 
 
-def host_array(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
-
-
 def init_distributed(cfg) -> None:
     """Join the other processes of a multi-host run, before any device is touched. Sources, in order: the
     `dist` config; SLURM (jax detects it); a Kubernetes indexed Job (JOB_COMPLETION_INDEX, with MLSYS_COORDINATOR

@@ -10,9 +10,6 @@ from mlsys.train.shard_step import make_shard_map_step
 from mlsys.train.state import abstract_model, create_state, split_model
 from mlsys.train.step import make_eval_step, make_train_step
 
-STEPS = ("jit", "shard_map")
-
-
 class Trainer(NamedTuple):
     state: Any  # TrainState, sharded on the mesh
     shardings: Any  # the TrainState's NamedShardings
