@@ -2,6 +2,7 @@
 unless the user asked otherwise, every file inside the run dir), and env.json. Only process 0 writes."""
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -29,7 +30,10 @@ def git_info(path: str) -> dict:
         if head.returncode:
             return {"commit": None, "dirty": None}
         status = git("status", "--porcelain", "--untracked-files=no")
-        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        info = {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        if info["dirty"]:  # what the run's code was, beyond the commit
+            info["diff"] = git("diff", "HEAD").stdout
+        return info
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
 
@@ -86,6 +90,18 @@ class Tracker:
         if self.enabled:
             with open(os.path.join(self.run_dir, name), "w") as f:
                 json.dump(obj, f, indent=2, default=str)
+
+    def write_env(self, env: dict) -> None:
+        """env.json; a dirty working tree's diff goes beside it, in git.diff."""
+        diff = env["git"].pop("diff", None)
+        if diff is not None and self.enabled:
+            with open(os.path.join(self.run_dir, "git.diff"), "w") as f:
+                f.write(diff)
+            env["git"]["diff_file"] = "git.diff"
+            logging.getLogger("mlsys").warning("started from a git tree with uncommitted changes (%s); the diff is "
+                                               "saved in %s", env["git"]["commit"][:12],
+                                               os.path.join(self.run_dir, "git.diff"))
+        self.write_json("env.json", env)
 
     def close(self) -> None:
         if not self.enabled:

@@ -136,3 +136,30 @@ def test_wandb_offline_run_lives_in_the_run_dir(train_tiny):
     runs = [n for n in os.listdir(os.path.join(run_dir, "wandb")) if n.startswith("offline-run-")]
     assert len(runs) == 1
     assert os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_same_config_and_seed_give_bit_identical_losses(train_tiny, tmp_path):
+    extra = ("model.dropout=0.1", "trainer.steps=20")
+    _, a = train_tiny("digits_cnn", *extra, run_dir=tmp_path / "a")
+    _, b = train_tiny("digits_cnn", *extra, run_dir=tmp_path / "b")
+    _, c = train_tiny("digits_cnn", *extra, "seed=1", run_dir=tmp_path / "c")
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+    assert [r["loss"] for r in metrics(a)] != [r["loss"] for r in metrics(c)]
+
+
+def test_a_dirty_git_tree_is_recorded_with_its_diff(train_tiny, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    (repo / "model.py").write_text("width = 8\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (repo / "model.py").write_text("width = 16\n")  # uncommitted
+    monkeypatch.chdir(repo)
+    _, run_dir = train_tiny("digits_mlp", run_dir=tmp_path / "run")
+    env = json.load(open(os.path.join(run_dir, "env.json")))
+    assert env["git"]["dirty"] is True and env["git"]["diff_file"] == "git.diff"
+    assert "+width = 16" in open(os.path.join(run_dir, "git.diff")).read()

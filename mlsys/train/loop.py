@@ -87,7 +87,7 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Tracking: process 0 writes metrics.jsonl, wandb, env.json, the vocabulary.
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
-    tracker.write_json("env.json", environment({
+    tracker.write_env(environment({
         "resumed_from": resume_dir, "start_step": start, "n_params": n_params, "compile_seconds": compile_s,
         "flops_per_token": flops_token, "peak_tflops_per_device": peak, "peak_source": peak_source,
         "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
