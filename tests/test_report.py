@@ -1,0 +1,52 @@
+"""Reports over a real little sweep: sorted table (Markdown, CSV), curves and objective plots; clear errors."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlsys.errors import MlsysError
+from mlsys.report import write_report
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from mlsys.train import train
+    from tests.conftest import tiny, typed_cfg
+
+    root = tmp_path_factory.mktemp("sweep")
+    for i, lr in enumerate(["1e-4", "3e-3", "3e-2"]):
+        train(typed_cfg(tiny("digits_mlp", f"optim.lr={lr}", "optim.warmup_steps=0", "trainer.steps=40")),
+              str(root / str(i)))
+    return root
+
+
+def test_report_sorts_runs_and_plots(sweep):
+    md = write_report(str(sweep), metric="val.accuracy", mode="max")
+    rows = list(csv.reader(open(sweep / "report.csv")))
+    assert rows[0] == ["rank", "run", "val.accuracy", "optim.lr"]
+    accs = [float(r[2]) for r in rows[1:]]
+    assert len(accs) == 3 and accs == sorted(accs, reverse=True)
+    assert float(rows[-1][3]) == 1e-4  # the smallest learning rate learns least in 40 steps
+    text = open(md).read()
+    assert "| 1 |" in text and "curves.png" in text and "objective_optim_lr.png" in text
+    for png in ("curves.png", "objective_optim_lr.png"):
+        assert open(sweep / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_a_single_run(sweep, tmp_path):
+    md = write_report(str(sweep / "0"), out=str(tmp_path))
+    assert "1 run(s)" in open(md).read() and (tmp_path / "curves.png").exists()
+
+
+def test_report_errors(sweep, tmp_path):
+    with pytest.raises(MlsysError, match="holds no runs"):
+        write_report(str(tmp_path))
+    with pytest.raises(MlsysError, match=r"metric='val.f1': no run logged it; the runs logged \[.*'val.accuracy'"):
+        write_report(str(sweep), metric="val.f1", out=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "none")], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 2 and "no such directory" in out.stderr and "Traceback" not in out.stderr
