@@ -7,7 +7,7 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from mlsys.errors import MlsysError
+from mlsys.errors import EXIT_PREEMPTED, MlsysError, Preempted
 
 
 def friendly_errors(fn):
@@ -20,6 +20,9 @@ def friendly_errors(fn):
         logging.getLogger("jax").setLevel(logging.WARNING)
         try:
             return fn(*args, **kwargs)
+        except Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         except MlsysError as e:
             logging.getLogger("mlsys").debug("user error", exc_info=True)
             print(f"error: {e}", file=sys.stderr)

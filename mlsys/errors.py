@@ -19,3 +19,10 @@ class CheckpointError(MlsysError):
 
 class NonFiniteError(MlsysError):
     """The loss or the gradients became NaN/Inf during training."""
+
+
+class Preempted(MlsysError):
+    """SIGTERM arrived; the run finished its step, saved a checkpoint and stopped (exit code EXIT_PREEMPTED)."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later (trainer.resume=auto continues)

@@ -65,3 +65,30 @@ def test_text_file_that_is_not_utf8(tmp_path):
     bad.write_bytes("déjà vu ".encode("latin-1") * 200)
     out = run_cli([*FAST, "+exp=shakespeare_char", f"data.path={bad}"], tmp_path, timeout=120)
     assert out.returncode == 2 and "is not UTF-8" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_saves_and_stops_then_auto_resume_continues(tmp_path):
+    """Preemption as a cluster does it: SIGTERM mid-run → the step finishes, a checkpoint is written, exit 75."""
+    import json
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    args = ["+exp=digits_mlp", *FAST, "trainer.steps=1000000", "trainer.log_every=10", "model.hidden=[16]",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "preempted: stopped by SIGTERM after step" in err and "Traceback" not in err
+    saved = int(re.search(r"after step (\d+)", err).group(1))
+    assert (tmp_path / "run" / "checkpoints" / str(saved)).is_dir()
+    again = run_cli(["+exp=digits_mlp", *FAST, f"trainer.steps={saved + 10}", "trainer.log_every=10",
+                     "model.hidden=[16]", "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.load(open(tmp_path / "run" / "env.json"))["start_step"] == saved

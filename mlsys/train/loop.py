@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
-from mlsys.errors import NonFiniteError
+from mlsys.errors import NonFiniteError, Preempted
 from mlsys.models.gpt import flops_per_token
 from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
@@ -104,8 +104,9 @@ def train(cfg: Config, run_dir: str) -> dict:
     last_saved = start if resume_dir else None
     bar = tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress), dynamic_ncols=True, leave=False)
     tick, ticked_at, results = time.perf_counter(), start, {}
+    preemption = PreemptionWatch()
     try:
-        with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
+        with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules), preemption:
             while step < t.steps:
                 if t.profile and step == t.profile[0]:
                     jax.profiler.start_trace(os.path.join(run_dir, "profile"))
@@ -115,7 +116,10 @@ def train(cfg: Config, run_dir: str) -> dict:
                 if t.profile and step == min(t.profile[1], t.steps):
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                save_now = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0)
+                # SIGTERM (spot VM, SLURM, Kubernetes): finish this step, save, stop. With several processes the
+                # decision is taken together at log steps, so that every process saves the same step.
+                preempted = preemption.agreed(at_sync_point=step % t.log_every == 0)
+                save_now = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0) or preempted
                 if step % t.log_every == 0 or save_now:
                     # Fetch and check before any save, so that no NaN state is ever checkpointed.
                     host = jax.device_get(pending)
@@ -145,6 +149,9 @@ def train(cfg: Config, run_dir: str) -> dict:
                 if save_now:
                     ckpt.save(step, state, train_iter)
                     last_saved = step
+                if preempted:  # the finally below waits for the save to be complete on disk
+                    raise Preempted(f"stopped by SIGTERM after step {step}, saved in {ckpt.directory}; continue with "
+                                    f"trainer.resume=auto (or trainer.resume={run_dir})")
                 if step < t.steps:
                     batch = next(train_iter)
     except BaseException:
@@ -166,6 +173,39 @@ def train(cfg: Config, run_dir: str) -> dict:
     results["compile_seconds"] = compile_s
     results["run_dir"] = run_dir
     return results
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into a flag that the loop checks between steps (a handler must not touch JAX itself)."""
+
+    def __init__(self):
+        self.flag, self.previous = False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self, at_sync_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        if not at_sync_point:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.flag))))
 
 
 def draw_sample(eval_def, state, dataset, cfg: Config) -> str:
