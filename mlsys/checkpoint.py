@@ -14,9 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    # A kill mid-save leaves `<step>.orbax-checkpoint-tmp`: never listed as a step, so restore skips it, and the
+    # writer removes such leftovers when it starts (finalized steps are only ever renamed into place, whole).
     return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                         enable_async_checkpointing=not read_only,
-                                        save_interval_steps=0 if read_only else 1)
+                                        save_interval_steps=0 if read_only else 1,
+                                        cleanup_tmp_directories=not read_only)
 
 
 class Checkpointer:
