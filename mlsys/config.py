@@ -38,6 +38,9 @@ class TrainerConfig:
     profile: list[int] = field(default_factory=list)  # [start, stop]: a jax.profiler trace of those steps
     compile_cache: str = "~/.cache/mlsys/jax"  # persistent compilation cache shared by runs; "" = off
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from the table in mlsys/perf.py (or measured on CPU)
+    on_nan: str = "stop"  # NaN/Inf loss or gradient: "stop" (error naming the step) or "skip" (no update, counted)
+    max_nan_skips: int = 10  # on_nan=skip: stop after this many skipped steps in a row
+    spike_factor: float = 3.0  # log a loss_spike when a log step's loss exceeds this x the running mean; 0 = off
 
 
 @dataclass
@@ -147,6 +150,10 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
     _check(len(t.profile) in (0, 2) and (not t.profile or 0 <= t.profile[0] < t.profile[1]), "trainer.profile",
            t.profile, "must be [] or [start, stop] with 0 <= start < stop, e.g. trainer.profile=[10,20]")
     _check(t.peak_tflops >= 0, "trainer.peak_tflops", t.peak_tflops, "must be >= 0 (0 = the built-in table)")
+    _one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
+    _check(t.max_nan_skips > 0, "trainer.max_nan_skips", t.max_nan_skips, "must be > 0, e.g. trainer.max_nan_skips=10")
+    _check(t.spike_factor == 0 or t.spike_factor > 1, "trainer.spike_factor", t.spike_factor,
+           "must be 0 (off) or > 1, e.g. trainer.spike_factor=3")
     # optimizer
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.decay", o.decay, DECAYS)

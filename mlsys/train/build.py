@@ -30,8 +30,8 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
     put = batch_sharding(mesh, cfg.mesh.act_rules)
     if kind == "shard_map":
         step = make_shard_map_step(train_def, tx, cfg.optim.clip_norm, lr_schedule, mesh, shardings, put.spec,
-                                   cfg.trainer.grad_accum)
+                                   cfg.trainer.grad_accum, cfg.trainer.on_nan)
     else:
-        step = make_train_step(train_def, tx, lr_schedule, cfg.trainer.grad_accum)
+        step = make_train_step(train_def, tx, lr_schedule, cfg.trainer.grad_accum, cfg.trainer.on_nan)
     train_step = jax.jit(step, in_shardings=(shardings, put), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(state, shardings, train_step, jax.jit(make_eval_step(eval_def)), eval_def, put, lr_schedule)

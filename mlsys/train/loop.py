@@ -1,7 +1,6 @@
 """The training loop, top to bottom: checks → mesh → data → state → resume → compile → loop → final evaluation."""
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -14,12 +13,13 @@ from tqdm import tqdm
 
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
-from mlsys.errors import NonFiniteError, Preempted
+from mlsys.errors import Preempted
 from mlsys.models.gpt import flops_per_token
 from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
+from mlsys.train.guard import NumericsGuard
 
 log = logging.getLogger("mlsys")
 
@@ -98,6 +98,7 @@ def train(cfg: Config, run_dir: str) -> dict:
         log.info("%s: %s params, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
                  dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
     ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)
+    guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
 
     # --- Loop: no host sync per step; metrics stay on device until a log or checkpoint step fetches them.
     pending, batch, step = [], first, start
@@ -121,17 +122,18 @@ def train(cfg: Config, run_dir: str) -> dict:
                 preempted = preemption.agreed(at_sync_point=step % t.log_every == 0)
                 save_now = step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0) or preempted
                 if step % t.log_every == 0 or save_now:
-                    # Fetch and check before any save, so that no NaN state is ever checkpointed.
+                    # Fetch and check before any save, so that no NaN state is ever checkpointed: NaN/Inf stops
+                    # the run (trainer.on_nan=stop) or was skipped on the device and is counted here (skip).
                     host = jax.device_get(pending)
-                    for i, m in enumerate(host):
-                        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                            bad = step - len(host) + i + 1
-                            raise NonFiniteError(
-                                f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {bad}; "
-                                f"last good checkpoint: {f'step {last_saved}' if last_saved is not None else 'none'}"
-                                f" in {ckpt.directory}. Lower optim.lr or raise optim.warmup_steps.")
+                    good = guard.check(host, step, last_saved)
                     elapsed = time.perf_counter() - tick
-                    mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    mean = {k: float(np.mean([m[k] for m in good or host])) for k in host[0]}
+                    if t.on_nan == "skip":
+                        mean["nan_skips"] = guard.skipped
+                    if (ref := guard.spike(mean["loss"])) is not None:
+                        log.warning("loss spike at step %d: %.4g, %.1fx the running mean %.4g", step, mean["loss"],
+                                    mean["loss"] / ref, ref)
+                        tracker.log(step, "loss_spike", {"loss": mean["loss"], "running_mean": ref})
                     mean.update(step_time_ms=1e3 * elapsed / (step - ticked_at),
                                 examples_per_s=d.batch_size * (step - ticked_at) / elapsed)
                     if tokens:

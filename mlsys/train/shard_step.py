@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from mlsys.errors import ConfigError
 from mlsys.parallel import activation_sharding
 from mlsys.train.state import TrainState
-from mlsys.train.step import loss_and_grads
+from mlsys.train.step import is_key, loss_and_grads, skip_unless
 
 MANUAL = ("data", "fsdp")
 
@@ -48,7 +48,8 @@ def fsdp_dim(spec: P) -> int:
 
 
 def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, clip_norm: float, lr_schedule,
-                        mesh: jax.sharding.Mesh, shardings: TrainState, batch_spec: P, grad_accum: int = 1):
+                        mesh: jax.sharding.Mesh, shardings: TrainState, batch_spec: P, grad_accum: int = 1,
+                        on_nan: str = "stop"):
     """`tx` must not clip: clipping needs the norm across slices and is done here."""
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     dims = [fsdp_dim(s.spec) for s in jax.tree.leaves(shardings.params)]
@@ -64,9 +65,6 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         if dim < 0:
             return jax.lax.psum(g, MANUAL) / n_shards
         return jax.lax.psum(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True), "data") / n_shards
-
-    def is_key(x):
-        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
     def local_step(state: TrainState, batch: dict):
         p_leaves, p_def = jax.tree.flatten(state.params)
@@ -96,7 +94,10 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": jax.lax.pmean(loss, MANUAL), "accuracy": jax.lax.pmean(acc, MANUAL),
                    "grad_norm": grad_norm, "lr": lr_schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state), metrics
+        new = state.replace(step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state)
+        if on_nan == "skip":  # loss and norm are reduced over every shard: all shards skip together
+            new = skip_unless(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm), new, state)
+        return new, metrics
 
     return jax.shard_map(local_step, mesh=mesh, in_specs=(state_specs, P(MANUAL)), out_specs=(state_specs, P()),
                          axis_names=set(MANUAL), check_vma=False)

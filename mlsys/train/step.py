@@ -49,7 +49,27 @@ def loss_and_grads(model: nnx.Module, batch: dict, grad_accum: int = 1):
     return (loss / grad_accum, acc / grad_accum), jax.tree.map(lambda g: g / grad_accum, grads)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1):
+def is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def skip_unless(ok, new: TrainState, old: TrainState) -> TrainState:
+    """trainer.on_nan=skip, decided on the device (no host sync): where `ok` is false the parameters, optimizer
+    state (its step count included) and batch statistics stay as they were. The step counter and the RNG streams
+    advance either way, so the next step reads the next batch and draws fresh dropout masks."""
+    def pick(n, o):
+        return n if is_key(n) else jnp.where(ok, n, o)
+
+    def pick_float(n, o):  # RNG counters are integers and advance; batch statistics are floats and are kept
+        return pick(n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n
+
+    return new.replace(params=jax.tree.map(pick, new.params, old.params),
+                       opt_state=jax.tree.map(pick, new.opt_state, old.opt_state),
+                       rest=jax.tree.map(pick_float, new.rest, old.rest))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
+                    on_nan: str = "stop"):
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Merge inside the trace so that NNX may advance RNG counters and batch statistics; gradients are taken
         # with respect to nnx.Param only.
@@ -60,7 +80,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
                    "lr": lr_schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
+        new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+        if on_nan == "skip":  # the host tells skipped steps by the same test on the fetched metrics
+            new = skip_unless(jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]), new, state)
+        return new, metrics
 
     return train_step
 
