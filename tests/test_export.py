@@ -48,7 +48,8 @@ def runs(tmp_path_factory):
 def test_export_every_family_with_parity(runs, tmp_path, family):
     out = export_run(runs[family], out=str(tmp_path / "export"), quantize="int8")
     m = verify(out)
-    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2"}
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2",
+                               "reference_stats.json"}
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
     assert m["family"] == family and m["source"]["step"] > 0 and m["source"]["run_dir"] == runs[family]
     sess = ort_session(os.path.join(out, "model.onnx"))
@@ -85,7 +86,7 @@ def test_torch_program_runs_with_torch_alone(runs, tmp_path):
 def test_custom_model_exports_onnx_only(runs, tmp_path, capsys):
     out = export_run(runs["custom"], out=str(tmp_path / "e"))
     m = verify(out)
-    assert m["formats"] == ["onnx"] and m["torch"] is None and set(m["files"]) == {"model.onnx"}
+    assert m["formats"] == ["onnx"] and m["torch"] is None and set(m["files"]) == {"model.onnx", "reference_stats.json"}
     assert "only ONNX is available" in capsys.readouterr().out
 
 

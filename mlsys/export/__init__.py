@@ -2,6 +2,7 @@
 self-contained torch.export program), optional INT8, and a signed manifest. Parity with JAX is part of export: if
 ONNX Runtime or torch disagree with JAX beyond the tolerance on the run's own held-out data, export fails."""
 
+import json
 import os
 import shutil
 import time
@@ -81,6 +82,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                 manifest["torch"] = None
                 print(f"note: model {run.cfg.model.target} is not a built-in family: only ONNX is available "
                       f"(the PyTorch mirror exists for {', '.join(MIRRORED)})")
+        manifest["reference_stats"] = write_reference(run, tmp)
         write_signed(tmp, manifest)
         verify(tmp)
     except BaseException:
@@ -98,6 +100,19 @@ def preprocessing(run: LoadedRun) -> dict:
         return {"kind": "tokens", "vocab": meta["vocab"], "max_length": getattr(run.cfg.model, "block_size", None)}
     return {"kind": "array", "input_shape": list(run.dataset.spec.input_shape), "dtype": "float32",
             "normalization": meta.get("normalization", "none")}
+
+
+def write_reference(run: LoadedRun, folder: str) -> str:
+    """reference_stats.json: the training inputs' histograms (arrays) or token frequencies, for drift monitoring
+    and input ranges in mlsys.serve; hashed and signed with the rest of the folder."""
+    from mlsys.export.reference import reference_stats, training_inputs
+
+    x = training_inputs(run.dataset.splits["train"])
+    kind = "tokens" if run.dataset.spec.task == "lm" else "array"
+    stats = reference_stats(x, kind, run.dataset.spec.num_classes if kind == "tokens" else None)
+    with open(os.path.join(folder, "reference_stats.json"), "w") as f:
+        json.dump(stats, f)
+    return "reference_stats.json"
 
 
 def int8(run: LoadedRun, folder: str, fp32) -> dict:

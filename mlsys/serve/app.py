@@ -1,0 +1,166 @@
+"""The HTTP side: FastAPI routes, API-key checks, the body limit, error bodies, and uvicorn with a graceful drain.
+
+Every error is JSON `{"error": <what>, "detail": <the problem and the fix>}` (and `"field"` for invalid input)."""
+
+import contextlib
+import json
+import logging
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from mlsys.serve.auth import KeyChecker, load_digests
+from mlsys.serve.batcher import Batcher, Draining
+from mlsys.serve.config import ServeConfig
+from mlsys.serve.drift import DriftMonitor
+from mlsys.serve.metrics import CountRequests, Metrics
+from mlsys.serve.model import ServedModel
+from mlsys.serve.validate import Invalid, validate
+
+log = logging.getLogger("mlsys.serve")
+ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None, **extra):
+        self.status, self.body, self.headers = status, {"error": error, "detail": detail, **extra}, headers
+
+
+def example_schema(model: ServedModel) -> dict:
+    """JSON schema of one example, for the OpenAPI spec."""
+    inp = model.input
+    if inp.kind == "tokens":
+        return {"type": "array", "minItems": 1, "maxItems": inp.max_length,
+                "items": {"type": "integer", "minimum": 0, "maximum": inp.vocab_size - 1}}
+    schema = {"type": "number", "minimum": inp.lo, "maximum": inp.hi}
+    for d in reversed(inp.shape):
+        schema = {"type": "array", "minItems": d, "maxItems": d, "items": schema}
+    return schema
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) past `limit` bytes without reading the rest."""
+    too_large = ApiError(413, "payload too large", f"the request body is over {limit} bytes (serve.max_body_bytes); "
+                         "send fewer examples per request")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    """Everything that can be wrong with the keys or the export fails here, before the server listens."""
+    keys = KeyChecker(load_digests(cfg.api_keys_file))
+    model = ServedModel(cfg)
+    metrics = Metrics()
+    drift = DriftMonitor(model.reference, cfg.drift_window, cfg.drift_min_rows, cfg.drift_threshold)
+    batcher = Batcher(model, cfg, metrics, drift)
+    metrics.bind(batcher, drift)
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        warm_up(model, cfg.max_batch)
+        batcher.start()
+        state["ready"] = True
+        metrics.ready.set(1)
+        log.info("serving %s (%s) with max_batch=%d max_delay_ms=%g", model.version, cfg.precision, cfg.max_batch,
+                 cfg.max_delay_ms)
+        yield
+        state["ready"] = False
+        metrics.ready.set(0)
+        await batcher.stop()  # runs every request still queued before the process ends
+        log.info("drained: every accepted request was answered")
+
+    app = FastAPI(title="mlsys model server", version=model.version, lifespan=lifespan,
+                  description=f"{model.manifest['family']} exported by mlsys; `Authorization: Bearer <key>` on /v1.")
+    app.state.serve = state  # read by the server's SIGTERM hook (mark not ready at once)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+    def require_key(request: Request) -> None:
+        if not keys.check(request.headers.get("authorization")):
+            # the same answer for a missing, malformed or wrong key: nothing to learn from it
+            raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'; the "
+                           "server's operator issues keys", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    one = example_schema(model)
+    body_schema = {"type": "object", "properties": {
+        "inputs": {"type": "array", "minItems": 1, "maxItems": cfg.max_rows, "items": one}, "input": one}}
+
+    @v1.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": body_schema}}}})
+    async def predict(request: Request):
+        """`{"inputs": [example, ...]}` → `{"outputs": [...], "model_version": ...}`; or `{"input": example}` →
+        `{"output": ..., "model_version": ...}`."""
+        batcher.pending += 1  # on its way to the queue: the batcher may wait for it
+        try:
+            raw = await read_body(request, cfg.max_body_bytes)
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ApiError(400, "malformed JSON", f"the body is not JSON ({e}); send Content-Type: "
+                               "application/json and a body like {\"inputs\": [example, ...]}") from None
+            try:
+                inputs, single = validate(body, raw, model.input, cfg.max_rows)
+            except Invalid as e:
+                raise ApiError(422, "invalid input", e.detail, field=e.field) from None
+        finally:
+            batcher.pending -= 1
+        try:
+            outputs = await batcher.submit(inputs)
+        except Draining:
+            raise ApiError(503, "shutting down", "this replica is draining; retry (another replica will answer)",
+                           headers={"Retry-After": "1"}) from None
+        except Exception:
+            raise ApiError(500, "inference failed", "the model could not run this batch; the server logged why")
+        metrics.rows.inc(len(outputs))
+        result = ({"output": outputs[0].tolist()} if single else {"outputs": [np.asarray(o).tolist() for o in outputs]})
+        result["model_version"] = model.version
+        return Response(json.dumps(result).encode(), media_type="application/json")
+
+    @v1.get("/model")
+    async def manifest():
+        """The export's manifest (without the training machine's paths), the model version, what inputs are
+        accepted, and the serving limits."""
+        return {**model.public_manifest(), "serving": {
+            "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "max_rows": cfg.max_rows,
+            "max_body_bytes": cfg.max_body_bytes, "precision": cfg.precision, "drift_threshold": cfg.drift_threshold}}
+
+    app.include_router(v1)
+
+    @app.get("/healthz")
+    async def healthz():
+        """Alive (the process answers)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready: the model is loaded and warmed up, and the server is not draining."""
+        if not state["ready"]:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready", "model_version": model.version}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(CountRequests, metrics=metrics, routes=ROUTES)
+    return app
+
+
+def warm_up(model: ServedModel, max_batch: int) -> None:
+    """Run the shapes the server will see once, so the first real request does not pay for ORT's first call."""
+    inp = model.input
+    for n in sorted({1, max_batch}):
+        shape = (n, min(inp.max_length, 16) or 1) if inp.kind == "tokens" else (n, *inp.shape)
+        model.run(np.zeros(shape, np.int32 if inp.kind == "tokens" else np.float32))

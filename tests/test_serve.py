@@ -1,0 +1,242 @@
+"""Serving, for real: a trained and exported digits MLP and char GPT behind the real uvicorn server on 127.0.0.1,
+talked to with httpx. Dynamic batching (each caller its own rows, also for token sequences of different lengths),
+API keys, the body limit, validation errors naming the field, drift, metrics, the SIGTERM drain in a subprocess,
+nothing written at run time, and the start-up refusals (tampered export, no keys, bad settings)."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from mlsys.export.onnx_export import ort_run, ort_session
+from mlsys.serve.auth import digest, load_digests
+from mlsys.serve.config import ServeConfig, from_args
+from mlsys.errors import ConfigError
+from tests.conftest import ROOT
+
+KEY = "test-key-1d4f9"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A tiny digits MLP and char GPT, trained and exported once for the module (training+export is the slow part)."""
+    from mlsys.export import export_run
+    from mlsys.train import train
+    from tests.conftest import tiny, typed_cfg
+
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(root / "config"))  # a signing key of the test's own
+        for name, exp, extra in [("mlp", "digits_mlp", ["trainer.steps=60"]),
+                                 ("gpt", "shakespeare_char", ["model.block_size=32"])]:
+            train(typed_cfg(tiny(exp, *extra)), str(root / name))
+            out[name] = export_run(str(root / name), formats=("onnx",), out=str(root / name / "export"))
+    keys = root / "keys.txt"
+    keys.write_text(f"# digests of the accepted keys\n{digest(KEY)}\n")
+    out["keys"] = str(keys)
+    return out
+
+
+class ThreadServer:
+    """The real app under a real uvicorn server, in a background thread of the test process."""
+
+    def __init__(self, **settings):
+        import uvicorn
+
+        from mlsys.serve import create_app
+
+        self.cfg = ServeConfig(port=free_port(), **settings)
+        self.app = create_app(self.cfg)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.cfg.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.cfg.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mlp(exports):
+    s = ThreadServer(model=exports["mlp"], api_keys_file=exports["keys"], max_body_bytes=64 * 1024, max_rows=16)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def gpt(exports):
+    s = ThreadServer(model=exports["gpt"], api_keys_file=exports["keys"], max_delay_ms=50.0, adaptive=False)
+    yield s
+    s.close()
+
+
+def digits(n: int = 300) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images[-n:] / 16.0).astype(np.float32)[..., None]
+
+
+def predict(url: str, body, headers=AUTH) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", content=json.dumps(body), headers=headers, timeout=30)
+
+
+# -- endpoints ---------------------------------------------------------------------------------------------------
+
+
+def test_probes_manifest_metrics_and_openapi(mlp):
+    assert httpx.get(f"{mlp.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{mlp.url}/readyz").json()
+    assert ready["status"] == "ready" and ready["model_version"].startswith("mlp-step60-")
+    assert httpx.get(f"{mlp.url}/v1/model").status_code == 401
+    m = httpx.get(f"{mlp.url}/v1/model", headers=AUTH).json()
+    assert m["family"] == "mlp" and m["accepts"]["shape"] == [8, 8, 1] and "run_dir" not in m["source"]
+    assert m["serving"]["max_batch"] == 64 and m["version"] == ready["model_version"]
+    spec = httpx.get(f"{mlp.url}/openapi.json").json()
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["inputs"]["items"]["maxItems"] == 8  # the manifest's shape, in the spec
+    text = httpx.get(f"{mlp.url}/metrics").text
+    for name in ("mlsys_requests_total", "mlsys_request_latency_seconds_bucket", "mlsys_batch_size_bucket",
+                 "mlsys_queue_depth", "mlsys_drift_psi", "mlsys_ready 1.0"):
+        assert name in text, name
+    assert 'mlsys_requests_total{route="/v1/model",status="401"} 1.0' in text
+
+
+def test_predict_one_and_many_match_onnx_runtime(mlp, exports):
+    x = digits(5)
+    want = ort_run(ort_session(os.path.join(exports["mlp"], "model.onnx")), x)
+    r = predict(mlp.url, {"inputs": x.tolist()})
+    assert r.status_code == 200, r.text
+    assert np.allclose(r.json()["outputs"], want, atol=1e-5) and r.json()["model_version"].startswith("mlp-")
+    one = predict(mlp.url, {"input": x[2].tolist()}).json()
+    assert np.allclose(one["output"], want[2], atol=1e-5)
+
+
+def test_dynamic_batching_gives_each_caller_its_own_rows(mlp, exports):
+    x = digits(300)
+    want = ort_run(ort_session(os.path.join(exports["mlp"], "model.onnx")), x)
+    before = batches(mlp.url)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=mlp.url, headers=AUTH, timeout=30,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            async def call(i, rows):  # different callers send different numbers of rows
+                r = await client.post("/v1/predict", json={"inputs": x[i:i + rows].tolist()})
+                assert r.status_code == 200, r.text
+                return i, rows, np.asarray(r.json()["outputs"])
+            return await asyncio.gather(*(call(i, 1 + i % 3) for i in range(0, 192, 3)))
+
+    for i, rows, got in asyncio.run(main()):
+        assert got.shape == (rows, 10) and np.allclose(got, want[i:i + rows], atol=1e-5)
+    calls, rows = (a - b for a, b in zip(batches(mlp.url), before))
+    assert rows == sum(1 + i % 3 for i in range(0, 192, 3)) and calls < 64  # requests shared ONNX Runtime calls
+
+
+def batches(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics").text
+    value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("mlsys_batch")}
+    return value["mlsys_batch_size_count"], value["mlsys_batch_size_sum"]
+
+
+def test_token_sequences_of_different_lengths_batch_like_single_calls(gpt, exports):
+    sess = ort_session(os.path.join(exports["gpt"], "model.onnx"))
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 65, n).tolist() for n in (1, 5, 32, 9, 17, 3, 32, 12)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=gpt.url, headers=AUTH, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/predict", json={"input": s}) for s in seqs))
+
+    for s, r in zip(seqs, asyncio.run(main())):
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json()["output"])
+        want = ort_run(sess, np.asarray([s], np.int32))[0]  # alone, unpadded
+        assert got.shape == (len(s), 65) and np.allclose(got, want, atol=1e-5)
+    assert batches(gpt.url)[0] < len(seqs)  # they did share calls (max_delay_ms=50, not adaptive)
+    bad = predict(gpt.url, {"inputs": [[1, 2], [3, 65]]})
+    assert bad.status_code == 422 and bad.json()["field"] == "inputs[1][1]" and "vocabulary [0, 65)" in bad.text
+    long = predict(gpt.url, {"input": [1] * 33})
+    assert long.status_code == 422 and "at most 32" in long.json()["detail"]
+
+
+# -- security ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer  x"}])
+def test_every_v1_route_needs_a_key_and_401_says_nothing_more(mlp, headers):
+    r = predict(mlp.url, {"input": digits(1)[0].tolist()}, headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json() == {"error": "unauthorized", "detail": "send a valid API key as 'Authorization: Bearer <key>'; "
+                        "the server's operator issues keys"}
+
+
+def test_key_sources_store_only_digests(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text(f"{digest('a')}  # alice\n\n{digest('b').upper()}\n")
+    assert load_digests(str(f), env={}) == [digest("a").encode(), digest("b").encode()]
+    assert load_digests("", env={"MLSYS_API_KEYS": "x, y"}) == [digest("x").encode(), digest("y").encode()]
+    f.write_text("my-plain-secret\n")
+    with pytest.raises(ConfigError, match="line 1: not a sha256 hex digest") as e:
+        load_digests(str(f), env={})
+    assert "my-plain-secret" not in str(e.value)
+    with pytest.raises(ConfigError, match="no API keys: set MLSYS_API_KEYS"):
+        load_digests("", env={})
+
+
+def test_body_over_the_limit_gets_413(mlp):
+    r = httpx.post(f"{mlp.url}/v1/predict", content=b"[" + b"0," * 40000 + b"0]", headers=AUTH)
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"]
+
+
+BAD = [
+    ({"inputs": [[[0.0]] * 8]}, "inputs[0][0]", "expected a list of 8"),
+    ({"inputs": [np.zeros((8, 8, 1)).tolist(), np.zeros((8, 7, 1)).tolist()]}, "inputs[1][0]", "got a list of 7"),
+    ({"input": [[[0.0]] * 8] * 7 + [[[0.0]] * 7 + [["1"]]]}, "input[7][7][0]", "expected a number"),
+    ({"input": [[[0.0]] * 8] * 7 + [[[0.0]] * 7 + [[True]]]}, "input[7][7][0]", "got bool"),
+    ({"inputs": [[[[0.5]] * 8] * 8, [[[0.5]] * 8] * 3 + [[[0.5]] * 2 + [[9.0]] + [[0.5]] * 5] + [[[0.5]] * 8] * 4]},
+     "inputs[1][3][2][0]", "outside the accepted range [-0.1, 1.1]"),
+    ({"inputs": [[[[0.5]] * 8] * 8] * 17}, "inputs", "at most 16 per request"),
+    ({"examples": []}, "examples", "exactly one of \"inputs\""),
+    ({"inputs": []}, "inputs", "non-empty list"),
+    ([1, 2], "body", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,field,detail", BAD)
+def test_invalid_input_gets_422_naming_the_field(mlp, body, field, detail):
+    r = predict(mlp.url, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and detail in r.json()["detail"], r.json()
+
+
+def test_non_finite_values_and_malformed_json(mlp):
+    x = np.full((8, 8, 1), 0.5).tolist()
+    x[4][1][0] = float("nan")
+    r = httpx.post(f"{mlp.url}/v1/predict", content=json.dumps({"inputs": [x]}), headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "inputs[0][4][1][0]" and "not a finite" in r.text
+    r = httpx.post(f"{mlp.url}/v1/predict", content=b'{"inputs": [1,', headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"] == "malformed JSON" and "application/json" in r.text
