@@ -1,4 +1,5 @@
-"""Report on a run or a sweep: python -m experiments.report <run or sweep dir> [metric=val.loss] [mode=min] [out=…]"""
+"""Report on a run or a sweep: python -m experiments.report <run or sweep dir> [metric=val.loss] [mode=min|max|last]
+[out=…]. Without metric/mode, the objective the runs were trained for (their sweep.objective, sweep.mode)."""
 
 import sys
 
@@ -12,9 +13,9 @@ def main(argv: list[str]) -> None:
         raise ConfigError("usage: python -m experiments.report <run or sweep dir> [metric=val.loss] [mode=min]")
     from mlsys.report import write_report
 
-    opts = key_values(argv[1:], {"metric": "<split>.<name>, e.g. val.accuracy", "mode": "min or max",
+    opts = key_values(argv[1:], {"metric": "<split>.<name>, e.g. val.accuracy", "mode": "min, max or last",
                                  "out": "where to write (default: the dir itself)"})
-    print(f"report: {write_report(argv[0], opts.get('metric', 'val.loss'), opts.get('mode', 'min'), opts.get('out'))}")
+    print(f"report: {write_report(argv[0], opts.get('metric'), opts.get('mode'), opts.get('out'))}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mlsys.data.sources import CONFIGS as DATA_CONFIGS
-from mlsys.errors import ConfigError
+from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models import REGISTRY
 from mlsys.models.cnn import NORMS, POOLS
 from mlsys.models.common import ACTIVATIONS, DTYPES
 from mlsys.models.gpt import ATTENTION, POS_EMBS, REMAT
+from mlsys.models.lora import LoRAConfig
 from mlsys.optim import DECAYS, OPTIMIZERS, OptimConfig
 from mlsys.parallel import MeshConfig, check_rules, data_parallel_size, resolve_shape
+from mlsys.sweep import register_resolvers
 
 LOGGERS = ("wandb", "jsonl")
 
@@ -41,6 +43,7 @@ class TrainerConfig:
     on_nan: str = "stop"  # NaN/Inf loss or gradient: "stop" (error naming the step) or "skip" (no update, counted)
     max_nan_skips: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     spike_factor: float = 3.0  # log a loss_spike when a log step's loss exceeds this x the running mean; 0 = off
+    init_from: Optional[str] = None  # a run dir whose latest checkpoint's weights start this run (fine-tuning)
 
 
 @dataclass
@@ -61,6 +64,17 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: Optional[str] = None  # None = offline, unless WANDB_MODE or WANDB_API_KEY is set
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # wandb group; a sweep's runs are grouped by the sweep dir when unset
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep optimises. Every run returns its objective to Hydra (a sweeper's score), whether or not it
+    is part of a sweep; conf/sweep/*.yaml set these with the search space."""
+
+    objective: str = "val.loss"  # "<split>.<metric>" from metrics.jsonl, e.g. val.accuracy
+    mode: str = "min"  # over every value the run logged: min, max, or last
+    trials: int = 20  # an Optuna sweep's total budget; rerunning the sweep runs only the trials it still lacks
 
 
 @dataclass
@@ -74,6 +88,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (fine-tuning with trainer.init_from)
 
 
 def register() -> None:
@@ -88,6 +104,7 @@ def register() -> None:
     cs.store(group="mesh", name="mesh_schema", node=MeshConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    register_resolvers()
     if not OmegaConf.has_resolver("mlsys.uid"):
         # A run dir suffix unique even for two runs started in the same second. Hydra reads run.dir once.
         OmegaConf.register_new_resolver("mlsys.uid", lambda: secrets.token_hex(3), use_cache=True)
@@ -115,6 +132,25 @@ def to_typed(cfg: DictConfig) -> Config:
         raise ConfigError(f"model={typed.model!r} is not a known model config; select one with model=NAME, "
                           f"NAME in {sorted(REGISTRY)}")
     return typed
+
+
+def load_saved(run_dir: str) -> Config:
+    """The typed config a run was trained with (config.yaml, written by the loop; else Hydra's copy)."""
+    import os
+
+    path = next((p for p in (os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, ".hydra", "config.yaml"))
+                 if os.path.isfile(p)), None)
+    if path is None:
+        raise CheckpointError(f"{run_dir!r}: not a run dir (no config.yaml); give runs/<exp>/<time>")
+    register()
+    try:
+        raw = OmegaConf.load(path)
+        schema = OmegaConf.structured(Config)
+        schema.model = OmegaConf.structured(REGISTRY[raw.model.name][0])
+        schema.data = OmegaConf.structured(DATA_CONFIGS[raw.data.name])
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:
@@ -246,3 +282,28 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
            f"must be divisible by trainer.grad_accum={k} x the data-parallel size {dp} = {k * dp}")
     # logger
     _one_of("logger.name", cfg.logger.name, LOGGERS)
+    # fine-tuning
+    lo = cfg.lora
+    _check(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = no adapters)")
+    _check(lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0 (the update is scaled by alpha / rank)")
+    _check(len(lo.targets) > 0, "lora.targets", lo.targets, 'must name at least one layer pattern, e.g. ["*"]')
+    _check(lo.rank == 0 or t.init_from is not None, "lora.rank", lo.rank,
+           "adapts a trained model: set trainer.init_from=<run dir> (a run of the same model)")
+    # the objective a run returns (to a sweeper): a metric this run will log
+    check_objective(cfg.sweep, d)
+
+
+SPLIT_METRICS = {"val": ("loss", "accuracy"), "test": ("loss", "accuracy"),
+                 "train": ("loss", "accuracy", "grad_norm", "lr", "step_time_ms", "examples_per_s", "tokens_per_s",
+                           "mfu")}
+
+
+def check_objective(s: "SweepConfig", d) -> None:
+    split, _, metric = s.objective.partition(".")
+    _check(metric in SPLIT_METRICS.get(split, ()), "sweep.objective", s.objective,
+           f"must be <split>.<metric>, one of {[f'{k}.{m}' for k, ms in SPLIT_METRICS.items() for m in ms]}")
+    has = {"train": True, "val": getattr(d, "val_fraction", 1) > 0, "test": getattr(d, "test_fraction", 0) > 0}
+    _check(has[split], "sweep.objective", s.objective, f"data={d.name} has no {split} split here; use "
+           f"{'val' if has['val'] else 'train'}.{metric}")
+    _one_of("sweep.mode", s.mode, ("min", "max", "last"))
+    _check(s.trials > 0, "sweep.trials", s.trials, "must be > 0")

@@ -21,6 +21,7 @@ class Run:
     path: str
     rows: list
     config: dict  # flattened: "optim.lr" -> value
+    overrides: list  # the command line's overrides (Hydra's .hydra/overrides.yaml), if Hydra launched the run
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -42,29 +43,51 @@ def find_runs(root: str) -> list[Run]:
                              if os.path.isfile(p)), None)
             config = flatten(yaml.safe_load(open(cfg_path))) if cfg_path else {}
             rows = [json.loads(line) for line in open(os.path.join(here, "metrics.jsonl")) if line.strip()]
-            runs.append(Run(here, rows, config))
+            overrides_path = os.path.join(here, ".hydra", "overrides.yaml")
+            overrides = yaml.safe_load(open(overrides_path)) or [] if os.path.isfile(overrides_path) else []
+            runs.append(Run(here, rows, config, [str(o) for o in overrides]))
     if not runs:
         raise MlsysError(f"{root!r} holds no runs (no metrics.jsonl below it); train one with experiments.run")
     return runs
 
 
+MODES = ("min", "max", "last")
+
+
 def objective(run: Run, metric: str, mode: str) -> float | None:
-    """metric is "<split>.<name>", e.g. val.accuracy: the best value the run logged."""
+    """metric is "<split>.<name>", e.g. val.accuracy; mode picks the lowest, highest or last value the run logged."""
     split, _, name = metric.partition(".")
     values = [r[name] for r in run.rows if r.get("split") == split and name in r]
     if not values:
         return None
-    return max(values) if mode == "max" else min(values)
+    return {"min": min, "max": max, "last": lambda v: v[-1]}[mode](values)
 
 
-def write_report(root: str, metric: str = "val.loss", mode: str = "min", out: str | None = None) -> str:
-    """Write report.md, report.csv, curves.png and objective_<key>.png into `out` (default: `root`)."""
-    if mode not in ("min", "max"):
-        raise MlsysError(f"mode={mode!r}: must be min or max")
+def run_objective(run_dir: str, metric: str, mode: str) -> float:
+    """The objective of one finished run, from its metrics.jsonl."""
+    run = next(r for r in find_runs(run_dir) if os.path.samefile(r.path, run_dir))
+    value = objective(run, metric, mode)
+    if value is None:
+        raise MlsysError(f"sweep.objective={metric!r}: the run did not log it (it logged {logged_metrics(run.rows)}); "
+                         f"pick one of those")
+    return value
+
+
+def logged_metrics(rows: list) -> list[str]:
+    return sorted({f"{r['split']}.{k}" for r in rows for k in r if k not in ("step", "split")})
+
+
+def write_report(root: str, metric: str | None = None, mode: str | None = None, out: str | None = None) -> str:
+    """Write report.md, report.csv, curves.png and objective_<key>.png into `out` (default: `root`). The objective
+    defaults to the one the runs were trained for (their sweep.objective and sweep.mode)."""
     runs = find_runs(root)
+    metric = metric or runs[0].config.get("sweep.objective", "val.loss")
+    mode = mode or runs[0].config.get("sweep.mode", "min")
+    if mode not in MODES:
+        raise MlsysError(f"mode={mode!r}: must be one of {list(MODES)}")
     scores = {r.path: objective(r, metric, mode) for r in runs}
     if all(v is None for v in scores.values()):
-        logged = sorted({f"{r['split']}.{k}" for run in runs for r in run.rows for k in r if k not in ("step", "split")})
+        logged = logged_metrics([r for run in runs for r in run.rows])
         raise MlsysError(f"metric={metric!r}: no run logged it; the runs logged {logged}")
     keys = sorted({k for r in runs for k in r.config})
     swept = [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
@@ -72,12 +95,12 @@ def write_report(root: str, metric: str = "val.loss", mode: str = "min", out: st
                                         (scores[r.path] or 0) * (-1 if mode == "max" else 1)))
     out = out or root
     os.makedirs(out, exist_ok=True)
-    header = ["rank", "run", metric, *swept]
+    header = ["rank", "run", metric, *swept, "overrides"]
     table = [[i + 1, os.path.relpath(r.path, root) if r.path != root else ".",
-              scores[r.path], *[r.config.get(k) for k in swept]] for i, r in enumerate(order)]
+              scores[r.path], *[r.config.get(k) for k in swept], _other_overrides(r, swept)] for i, r in enumerate(order)]
     with open(os.path.join(out, "report.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *table])
-    lines = [f"# Report: {len(runs)} run(s) in {root}", "", f"Objective: {mode} of {metric}.", "",
+    lines = [f"# Report: {len(runs)} run(s) in {root}", "", f"Objective: the {mode} of {metric} over each run.", "",
              "| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row)
               + " |" for row in table]
@@ -86,6 +109,11 @@ def write_report(root: str, metric: str = "val.loss", mode: str = "min", out: st
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return os.path.join(out, "report.md")
+
+
+def _other_overrides(run: Run, swept: list) -> str:
+    """The command line's overrides, less those already shown as swept columns."""
+    return " ".join(o for o in run.overrides if o.lstrip("+~").partition("=")[0] not in swept)
 
 
 def _curves(runs: list, root: str, out: str) -> str:

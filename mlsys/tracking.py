@@ -122,5 +122,6 @@ def _start_wandb(run_dir: str, cfg, config: dict):
             os.environ[var] = os.path.join(home, sub)
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.project, entity=cfg.entity, mode=mode, dir=run_dir, config=config,
-                      name=os.path.basename(run_dir), tags=list(cfg.tags), reinit="finish_previous",
+                      name=os.path.basename(run_dir), tags=list(cfg.tags), group=cfg.group,
+                      reinit="finish_previous",
                       settings=wandb.Settings(console="off", x_disable_stats=True))

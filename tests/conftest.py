@@ -31,6 +31,9 @@ TINY = {
                          "model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.seq_len=16",
                          "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20"],
 }
+# Presets that fine-tune another preset's run (trainer.init_from): the tests train that one first.
+BASE = {"shakespeare_char_lora": "shakespeare_char"}
+TINY["shakespeare_char_lora"] = TINY["shakespeare_char"]
 
 
 def compose_cfg(overrides: list[str]):
@@ -56,6 +59,9 @@ def train_tiny(tmp_path):
 
     def run(exp: str, *extra: str, run_dir=None):
         run_dir = str(run_dir or tmp_path / "run")
+        if exp in BASE and not any(e.startswith("trainer.init_from=") for e in extra):
+            _, base_dir = run(BASE[exp], run_dir=f"{run_dir}_base")
+            extra = (*extra, f"trainer.init_from={base_dir}")
         return train(typed_cfg(tiny(exp, *extra)), run_dir), run_dir
 
     return run

@@ -7,7 +7,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from mlsys.config import Config, validate
 from mlsys.errors import ConfigError
 from mlsys.models import CNNConfig, GPTConfig, MLPConfig
-from tests.conftest import PRESETS, compose_cfg, typed_cfg
+from tests.conftest import BASE, PRESETS, compose_cfg, typed_cfg
 
 
 def test_presets_exist():
@@ -16,7 +16,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("exp", PRESETS)
 def test_every_preset_composes_and_validates(exp):
-    cfg = typed_cfg([f"+exp={exp}"])
+    cfg = typed_cfg([f"+exp={exp}", *([f"trainer.init_from=runs/{BASE[exp]}/x"] if exp in BASE else [])])
     assert isinstance(cfg, Config) and cfg.name == exp
     validate(cfg, n_devices=8)
 

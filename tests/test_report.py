@@ -27,7 +27,7 @@ def sweep(tmp_path_factory):
 def test_report_sorts_runs_and_plots(sweep):
     md = write_report(str(sweep), metric="val.accuracy", mode="max")
     rows = list(csv.reader(open(sweep / "report.csv")))
-    assert rows[0] == ["rank", "run", "val.accuracy", "optim.lr"]
+    assert rows[0] == ["rank", "run", "val.accuracy", "optim.lr", "overrides"]
     accs = [float(r[2]) for r in rows[1:]]
     assert len(accs) == 3 and accs == sorted(accs, reverse=True)
     assert float(rows[-1][3]) == 1e-4  # the smallest learning rate learns least in 40 steps

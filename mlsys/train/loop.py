@@ -8,6 +8,7 @@ from dataclasses import asdict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -15,11 +16,13 @@ from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
 from mlsys.errors import Preempted
 from mlsys.models.gpt import flops_per_token
+from mlsys.models.lora import Frozen
 from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
 from mlsys.train.guard import NumericsGuard
+from mlsys.train.pretrained import load_pretrained
 
 log = logging.getLogger("mlsys")
 
@@ -61,7 +64,10 @@ def train(cfg: Config, run_dir: str) -> dict:
     # --- Model, optimizer state and step: the state is born sharded on the mesh.
     run = build(cfg, dataset.spec, mesh, t.steps)
     state = run.state
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # With LoRA only the adapters are nnx.Param (trained); the frozen weights count towards the model's size.
+    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    n_params = n_trainable + sum(v.get_value().size for _, v in nnx.to_flat_state(state.rest)
+                                 if isinstance(v, Frozen))
     per_device = bytes_per_device(state)
     # Speed accounting: tokens per example, and for GPT models the FLOPs per token behind MFU.
     tokens = d.seq_len if dataset.spec.task == "lm" else 0
@@ -70,6 +76,13 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     def put(batch: dict) -> dict:  # this process's rows → one global array per field
         return {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()}
+
+    # --- Fine-tuning: another run's weights (a resumed run has them in its own checkpoint already).
+    if t.init_from and not resume_dir:
+        t.init_from = os.path.abspath(t.init_from)  # recorded in config.yaml: where the weights came from
+        state, from_step = load_pretrained(t.init_from, cfg, dataset.spec, state, mesh)
+        log.info("initialised from %s (step %d); training %s of %s parameters (%.2f%%)", t.init_from, from_step,
+                 f"{n_trainable:,}", f"{n_params:,}", 100 * n_trainable / n_params)
 
     # --- Resume: params, optimizer state, step, RNG streams and the data iterator's position.
     start = 0
@@ -88,15 +101,17 @@ def train(cfg: Config, run_dir: str) -> dict:
     # --- Tracking: process 0 writes metrics.jsonl, wandb, env.json, the vocabulary.
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
     tracker.write_env(environment({
-        "resumed_from": resume_dir, "start_step": start, "n_params": n_params, "compile_seconds": compile_s,
+        "resumed_from": resume_dir, "start_step": start, "init_from": t.init_from, "n_params": n_params,
+        "n_trainable": n_trainable, "trainable_fraction": n_trainable / n_params, "compile_seconds": compile_s,
         "flops_per_token": flops_token, "peak_tflops_per_device": peak, "peak_source": peak_source,
         "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
     if is_main:
         data.save_meta(dataset, run_dir)
         # The resolved config beside the run, whether Hydra launched it or a notebook did (export reads it).
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
-        log.info("%s: %s params, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
-                 dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
+        trained = f" ({n_trainable:,} trained)" if n_trainable != n_params else ""
+        log.info("%s: %s params%s, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
+                 trained, dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
     ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)
     guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
 

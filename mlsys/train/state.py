@@ -7,14 +7,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mlsys.models import DataSpec, build_model
+from mlsys.models.lora import LoRAConfig, add_lora
 from mlsys.parallel import check_param_names, param_shardings
 
 
 class TrainState(struct.PyTreeNode):
     # Fields hold arrays, or their abstract shapes under eval_shape; hence Any.
     step: Any  # int32 scalar: completed optimizer steps
-    params: Any  # nnx.State of nnx.Param variables
-    rest: Any  # nnx.State of every other model variable: RNG streams (dropout), batch statistics
+    params: Any  # nnx.State of nnx.Param variables: what is trained (with LoRA, the adapters only)
+    rest: Any  # nnx.State of every other model variable: RNG streams (dropout), batch statistics, frozen weights
     opt_state: Any
 
 
@@ -24,21 +25,29 @@ def split_model(model: nnx.Module, train: bool):
     return nnx.split(view, nnx.Param, ...)
 
 
-def abstract_model(model_cfg, spec: DataSpec, seed: int):
+def new_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None) -> nnx.Module:
+    """The model a config describes; with lora.rank > 0, adapters on its linear layers and the rest frozen (only
+    the adapters are nnx.Param, so only they are trained)."""
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    model = build_model(model_cfg, spec, rngs)
+    return add_lora(model, lora, rngs) if lora is not None and lora.rank else model
+
+
+def abstract_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None):
     """The model's structure without allocating it."""
-    return nnx.eval_shape(lambda: build_model(model_cfg, spec, nnx.Rngs(params=seed, dropout=seed + 1)))
+    return nnx.eval_shape(lambda: new_model(model_cfg, spec, seed, lora))
 
 
-def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict):
+def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict, lora: LoRAConfig | None = None):
     """Returns (train graphdef, eval graphdef, state, state shardings). The state is born sharded: its shapes come
     from eval_shape, its shardings from the parameters' logical names, and jit(init, out_shardings=...) creates
     each shard on its own device. Nothing is ever built whole on one device."""
-    abstract = abstract_model(model_cfg, spec, seed)
+    abstract = abstract_model(model_cfg, spec, seed, lora)
     train_def, _, _ = split_model(abstract, train=True)
     eval_def, _, _ = split_model(abstract, train=False)
 
     def init() -> TrainState:
-        model = build_model(model_cfg, spec, nnx.Rngs(params=seed, dropout=seed + 1))
+        model = new_model(model_cfg, spec, seed, lora)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
 

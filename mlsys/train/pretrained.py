@@ -1,0 +1,79 @@
+"""trainer.init_from: start a run from another run's trained weights (fine-tuning, with or without LoRA).
+
+The weights are matched by path (blocks.0.attn.qkv.kernel, ...). LoRA keeps the pretrained weights under their
+old paths, so a plain run's checkpoint initialises an adapted model; the adapters keep their own initialisation
+(B = 0: the run starts exactly at the pretrained function). The optimizer state and the step start afresh.
+"""
+
+import os
+from dataclasses import asdict, replace
+
+import jax
+from flax import nnx
+
+from mlsys import checkpoint, data
+from mlsys.config import Config, load_saved
+from mlsys.errors import ConfigError
+from mlsys.models.lora import Frozen
+from mlsys.train.state import abstract_model
+
+# What a pretrained run provides: its weights and batch statistics (not RNG streams, not LoRA adapters).
+WEIGHTS = (nnx.Param, Frozen, nnx.BatchStat)
+
+
+def _weights(state: nnx.State) -> dict:
+    return {path: v for path, v in nnx.to_flat_state(state)
+            if isinstance(v, WEIGHTS) and not isinstance(v, nnx.LoRAParam)}
+
+
+def _path(p: tuple) -> str:
+    return ".".join(map(str, p))
+
+
+def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
+    """Every weight of this model must exist in the pretrained one with the same shape (and nothing extra there)."""
+    key = f"trainer.init_from={run_dir!r}"
+    if base.model.name != cfg.model.name:
+        raise ConfigError(f"{key}: that run trained model={base.model.name}, this one is model={cfg.model.name}; "
+                          f"fine-tune with the same model")
+    ours = _weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora)))
+    theirs = _weights(nnx.state(abstract_model(base.model, spec, base.seed)))
+    problems = [f"{_path(p)}: missing there" for p in ours if p not in theirs]
+    problems += [f"{_path(p)}: not in this model" for p in theirs if p not in ours]
+    problems += [f"{_path(p)}: shape {tuple(theirs[p].shape)} there, {tuple(v.shape)} here"
+                 for p, v in ours.items() if p in theirs and theirs[p].shape != v.shape]
+    if problems:
+        a, b = asdict(base.model), asdict(cfg.model)
+        differ = [f"model.{k}={a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b.get(k)]
+        raise ConfigError(f"{key}: its model does not match this one ({'; '.join(problems[:4])}"
+                          f"{f'; and {len(problems) - 4} more' if len(problems) > 4 else ''}). "
+                          f"{'Differences: ' + '; '.join(differ) + '. ' if differ else ''}"
+                          f"Use that run's model config (in {os.path.join(run_dir, 'config.yaml')}).")
+
+
+def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
+    """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint."""
+    from mlsys.train.build import build  # build imports this module's neighbours; import late
+
+    base = load_saved(run_dir)
+    if not checkpoint.has_checkpoint(run_dir):
+        raise ConfigError(f"trainer.init_from={run_dir!r}: that run has no checkpoint to start from")
+    if base.lora.rank:
+        raise ConfigError(f"trainer.init_from={run_dir!r} is itself a LoRA fine-tune (lora.rank={base.lora.rank}); "
+                          f"start from the run it fine-tuned ({base.trainer.init_from})")
+    check_compatible(run_dir, base, cfg, spec)
+    # Rebuild the pretrained run's own state (its optimizer too: orbax restores whole trees) on this run's mesh.
+    base = replace(base, mesh=cfg.mesh, trainer=replace(base.trainer, grad_accum=1))
+    pre = build(base, spec, mesh, base.trainer.steps)
+    scratch = data.train_iterator(data.load(base.data, base.seed).splits["train"], base.data.batch_size, base.seed)
+    restored, step = checkpoint.restore(run_dir, checkpoint.abstract_like(pre.state, pre.shardings), scratch)
+    found = _weights(restored.params) | _weights(restored.rest)
+
+    def take(st: nnx.State) -> nnx.State:
+        flat = [(p, v.replace(found[p].get_value()) if p in found and isinstance(v, WEIGHTS)
+                 and not isinstance(v, nnx.LoRAParam) else v) for p, v in nnx.to_flat_state(st)]
+        return nnx.from_flat_state(flat)
+
+    loaded = state.replace(params=take(state.params), rest=take(state.rest))
+    loaded = jax.device_put(loaded, jax.tree.map(lambda x: x.sharding, state))
+    return loaded, step
