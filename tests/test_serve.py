@@ -240,3 +240,162 @@ def test_non_finite_values_and_malformed_json(mlp):
     assert r.status_code == 422 and r.json()["field"] == "inputs[0][4][1][0]" and "not a finite" in r.text
     r = httpx.post(f"{mlp.url}/v1/predict", content=b'{"inputs": [1,', headers=AUTH)
     assert r.status_code == 400 and r.json()["error"] == "malformed JSON" and "application/json" in r.text
+
+
+# -- drift -------------------------------------------------------------------------------------------------------
+
+
+def psi_of(url: str) -> float:
+    line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("mlsys_drift_psi "))
+    return float(line.split()[1])
+
+
+def test_drift_stays_low_in_distribution_and_rises_on_inverted_digits(exports, caplog):
+    s = ThreadServer(model=exports["mlp"], api_keys_file=exports["keys"], drift_window=300, drift_min_rows=100,
+                     drift_threshold=0.2)
+    try:
+        x = digits(300)
+        for i in range(0, 300, 20):
+            assert predict(s.url, {"inputs": x[i:i + 20].tolist()}).status_code == 200
+        calm = psi_of(s.url)
+        with caplog.at_level("WARNING", logger="mlsys.serve"):
+            for i in range(0, 300, 20):
+                assert predict(s.url, {"inputs": (1.0 - x[i:i + 20]).tolist()}).status_code == 200
+        shifted = psi_of(s.url)
+    finally:
+        s.close()
+    print(f"PSI in distribution {calm:.4f}, inverted digits {shifted:.4f}")
+    assert calm < 0.2 < shifted
+    assert any("input drift: PSI" in r.getMessage() and "serve.drift_threshold=0.2" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_drift_monitor_on_tokens():
+    from mlsys.serve.drift import DriftMonitor
+
+    freq = np.full(8, 1 / 8)
+    m = DriftMonitor({"kind": "tokens", "freq": freq.tolist()}, window=50, min_rows=10, threshold=0.2)
+    rng = np.random.default_rng(0)
+    m.observe([rng.integers(0, 8, 30) for _ in range(50)])
+    assert m.score < 0.05 and m.rows == 50
+    m.observe([np.zeros(30, np.int64) for _ in range(50)])  # only token 0: far from uniform
+    assert m.score > 1.0 and m.alerting and m.rows == 50
+
+
+# -- a real process: SIGTERM drain, nothing written, start-up refusals -------------------------------------------
+
+
+def test_sigterm_drains_every_accepted_request_and_writes_nothing(exports, tmp_path):
+    home, tmp, cwd = (tmp_path / d for d in ("home", "tmp", "cwd"))
+    for d in (home, tmp, cwd):
+        d.mkdir()
+    before = {f: os.stat(os.path.join(exports["mlp"], f)).st_mtime_ns for f in os.listdir(exports["mlp"])}
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(home), "TMPDIR": str(tmp), "XDG_CONFIG_HOME": str(home),
+           "PYTHONDONTWRITEBYTECODE": "1", "MLSYS_API_KEYS": KEY}
+    # requests wait up to 3 s for company, so they are surely queued when SIGTERM arrives
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"model={exports['mlp']}",
+                             f"serve.port={port}", "serve.adaptive=false", "serve.max_delay_ms=3000",
+                             "serve.max_batch=1024", "serve.access_log=true"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        x = digits(24)
+        results = [None] * 24
+
+        def call(i):
+            results[i] = predict(url, {"input": x[i].tolist()})
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 10
+        while "mlsys_queue_depth 24.0" not in httpx.get(f"{url}/metrics").text:
+            assert time.time() < deadline, "the requests never reached the queue"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.6)
+        with pytest.raises(httpx.ConnectError):  # new work is refused once draining started
+            httpx.get(f"{url}/healthz")
+        for t in threads:
+            t.join(timeout=30)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    want = ort_run(ort_session(os.path.join(exports["mlp"], "model.onnx")), x)
+    assert all(r.status_code == 200 for r in results), [r.status_code for r in results]
+    assert np.allclose([r.json()["output"] for r in results], want, atol=1e-5)
+    assert "drained: every accepted request was answered" in out and KEY not in out
+    # stateless: nothing in HOME, TMPDIR or the working dir, the export folder untouched
+    assert [os.listdir(d) for d in (home, tmp, cwd)] == [[], [], []]
+    assert before == {f: os.stat(os.path.join(exports["mlp"], f)).st_mtime_ns for f in os.listdir(exports["mlp"])}
+
+
+def wait_ready(url: str, proc, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
+
+
+def refusal(capsys, monkeypatch, *argv, keys=KEY) -> str:
+    from experiments.serve import main
+
+    if keys:
+        monkeypatch.setenv("MLSYS_API_KEYS", keys)
+    else:
+        monkeypatch.delenv("MLSYS_API_KEYS", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_refuses_to_start_on_a_tampered_or_foreign_export(exports, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "tampered"
+    shutil.copytree(exports["mlp"], bad)
+    with open(bad / "reference_stats.json", "a") as f:
+        f.write(" ")
+    err = refusal(capsys, monkeypatch, f"model={bad}")
+    assert "reference_stats.json: sha256 differs from the manifest's" in err
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    err = refusal(capsys, monkeypatch, f"model={exports['mlp']}", f"serve.public_key={other}")
+    assert "the signature does not match manifest.json" in err
+
+
+@pytest.mark.parametrize("args,keys,message", [
+    (["model={mlp}"], "", "error: no API keys: set MLSYS_API_KEYS"),
+    (["model={tmp}/nope"], KEY, "no such folder; give an export folder"),
+    ([], KEY, "model=<export dir> is required"),
+    (["model={mlp}", "serve.max_batch=0"], KEY, "serve.max_batch=0: must be at least 1"),
+    (["model={mlp}", "serve.adaptive=maybe"], KEY, "serve.adaptive='maybe': expected true or false"),
+    (["model={mlp}", "serve.port=http"], KEY, "serve.port='http': expected int"),
+    (["model={mlp}", "serve.prot=80"], KEY, "'serve.prot=80': expected key=value with key in"),
+    (["model={mlp}", "serve.precision=int8"], KEY, "has no model.int8.onnx; export with quantize=int8"),
+    (["model={mlp}", "serve.api_keys_file={tmp}/keys"], KEY, "serve.api_keys_file="),
+])
+def test_bad_start_up_settings_say_what_to_do(exports, tmp_path, capsys, monkeypatch, args, keys, message):
+    argv = [a.format(mlp=exports["mlp"], tmp=tmp_path) for a in args]
+    assert message in refusal(capsys, monkeypatch, *argv, keys=keys)
+
+
+def test_keygen_prints_a_key_and_its_digest(capsys):
+    from experiments.serve import main
+
+    main(["keygen"])
+    out = capsys.readouterr().out
+    key = out.split("key:")[1].split()[0]
+    assert f"digest: {digest(key)}" in out and len(key) >= 40

@@ -15,6 +15,8 @@ class DrainingServer(uvicorn.Server):
         if state is not None:
             state["ready"] = False
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once shut down (exit status 143); a drained shutdown is a clean exit (0)
+        getattr(self, "_captured_signals", []).clear()
 
 
 def serve(cfg: ServeConfig) -> None:
