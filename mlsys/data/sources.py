@@ -8,6 +8,7 @@ from importlib import resources
 
 import numpy as np
 
+from mlsys.data.checks import read_npz
 from mlsys.errors import DataError
 from mlsys.models.common import DataSpec
 
@@ -152,14 +153,18 @@ def load_text(cfg: TextConfig) -> Dataset:
         raw = open(path, "rb").read()
     except OSError as e:
         raise DataError(f"data.path={cfg.path!r}: cannot read it ({e.strerror}); give an existing UTF-8 text file")
+    if not raw:
+        raise DataError(f"data.path={cfg.path!r}: the file is empty (0 bytes); give a UTF-8 text file of at least "
+                        f"data.seq_len + 2 = {cfg.seq_len + 2} characters")
     if cfg.level == "byte":
         tokens, vocab = np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), None
     else:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"data.path={cfg.path!r} is not UTF-8 (byte {e.start}: {e.reason}); convert it, or "
-                            f"use data.level=byte") from None
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"data.path={cfg.path!r} is not UTF-8 (line {line}, byte {e.start}: {e.reason}); "
+                            f"convert it, or use data.level=byte") from None
         vocab = sorted(set(text))
         lookup = {ch: i for i, ch in enumerate(vocab)}
         tokens = np.fromiter((lookup[ch] for ch in text), dtype=np.uint16, count=len(text))
@@ -185,23 +190,7 @@ def load_synthetic(cfg: SyntheticConfig, seed: int) -> Dataset:
 
 
 def load_arrays(cfg: ArraysConfig) -> Dataset:
-    try:
-        f = np.load(cfg.path, allow_pickle=False)  # never unpickle a user's file
-        missing = [k for k in (cfg.inputs_key, cfg.targets_key) if k not in f.files]
-        if missing:
-            raise DataError(f"data.path={cfg.path!r} has no array {missing[0]!r}; it holds {sorted(f.files)} (set "
-                            f"data.inputs_key / data.targets_key)")
-        x, y = f[cfg.inputs_key], f[cfg.targets_key]
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"data.path={cfg.path!r}: cannot read it as .npz ({e}); save it with "
-                        f"np.savez(path, {cfg.inputs_key}=..., {cfg.targets_key}=...)") from None
-    if len(x) != len(y) or len(x) == 0:
-        raise DataError(f"data.path={cfg.path!r}: {len(x)} inputs but {len(y)} targets; they must be equal and > 0")
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
-        raise DataError(f"data.path={cfg.path!r}: targets must be non-negative integer class ids of shape (N,), "
-                        f"got {y.dtype} {y.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"data.path={cfg.path!r}: inputs must be floating point, got {x.dtype}")
+    x, y = read_npz(cfg)
     return _array_dataset(x.astype(np.float32), y.astype(np.int32), cfg, {})
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
+from mlsys.data.checks import check_fits
 from mlsys.errors import Preempted
 from mlsys.models.gpt import flops_per_token
 from mlsys.models.lora import Frozen
@@ -21,6 +22,7 @@ from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
+from mlsys.train.guard import NumericsGuard
 from mlsys.train.guard import NumericsGuard
 from mlsys.train.pretrained import load_pretrained
 
@@ -58,6 +60,7 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Data: grain pipeline, each process reading only its rows of every global batch.
     dataset = data.load(d, cfg.seed)
+    check_fits(cfg.model.name, dataset.spec, d)  # a user's file against the model: known only once it is read
     train_iter = data.train_iterator(dataset.splits["train"], d.batch_size, cfg.seed, jax.process_index(),
                                      jax.process_count())
 
@@ -113,6 +116,7 @@ def train(cfg: Config, run_dir: str) -> dict:
         log.info("%s: %s params%s, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
                  trained, dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
     ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)
+    guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
     guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
 
     # --- Loop: no host sync per step; metrics stay on device until a log or checkpoint step fetches them.
