@@ -23,7 +23,6 @@ from mlsys.parallel import activation_sharding, bytes_per_device, init_distribut
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
 from mlsys.train.guard import NumericsGuard
-from mlsys.train.guard import NumericsGuard
 from mlsys.train.pretrained import load_pretrained
 
 log = logging.getLogger("mlsys")
@@ -116,7 +115,6 @@ def train(cfg: Config, run_dir: str) -> dict:
         log.info("%s: %s params%s, mesh %s, %.1f MB per device, step compiled in %.1f s", cfg.name, f"{n_params:,}",
                  trained, dict(mesh.shape), max(per_device.values()) / 2**20, compile_s)
     ckpt = checkpoint.Checkpointer(run_dir, t.max_to_keep)
-    guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
     guard = NumericsGuard(t.on_nan, t.max_nan_skips, t.spike_factor, ckpt.directory)
 
     # --- Loop: no host sync per step; metrics stay on device until a log or checkpoint step fetches them.
