@@ -38,7 +38,7 @@ def git_info(path: str) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def _git_here_or_package() -> dict:
+def code_version() -> dict:
     info = git_info(os.getcwd())
     if info["commit"] is None:
         info = git_info(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def environment(extra: dict | None = None) -> dict:
         "host": socket.gethostname(),
         "packages": versions,
         # The working directory's repository (a user's own models live there), else the one mlsys comes from.
-        "git": _git_here_or_package(),
+        "git": code_version(),
         "devices": dict(Counter(d.device_kind for d in jax.devices())),
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),

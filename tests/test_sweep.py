@@ -1,0 +1,155 @@
+"""Sweeps through the real command line: Optuna studies that resume where they stopped, grids, the objective each
+run returns, wandb groups, bad sweeps; and re-launching a run from its run dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mlsys.config import register
+from mlsys.report import find_runs, objective
+from tests.conftest import BASE, CONF, PRESETS, ROOT
+
+SWEEPS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "sweep")) if f.endswith("_optuna.yaml"))
+TINY_MLP = ["trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=10", "model.hidden=[16]",
+            "logger=jsonl", "trainer.progress=false"]
+
+
+def preset_of(sweep: str) -> str:
+    return {"digits_optuna": "digits_mlp"}.get(sweep, sweep.removesuffix("_optuna"))
+
+
+def cli(cwd, *args, module="experiments.run", check=True, **kw):
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300, **kw)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_every_preset_has_a_sweep_example():
+    assert {preset_of(s) for s in SWEEPS} == set(PRESETS)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweep_example_composes_and_searches_real_keys(sweep):
+    exp = preset_of(sweep)
+    register()
+    extra = [f"trainer.init_from=runs/{BASE[exp]}/x"] if exp in BASE else []
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"+exp={exp}", f"+sweep={sweep}", *extra], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and str(cfg.hydra.mode).endswith("MULTIRUN")
+    # The study's direction agrees with how each run reduces its objective (last: a loss, minimised).
+    assert sweeper.direction == {"min": "minimize", "max": "maximize", "last": "minimize"}[cfg.sweep.mode]
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", f"{sweep} searches {key}: no such key"
+
+
+def study(sweep_dir):
+    import optuna
+
+    return optuna.load_study(study_name="tpe", storage=f"sqlite:///{sweep_dir}/optuna.db")
+
+
+def test_optuna_sweep_resumes_where_it_stopped(tmp_path):
+    args = ["+exp=digits_mlp", "+sweep=digits_optuna", *TINY_MLP]
+    sweep_dir = tmp_path / "multirun" / "digits_mlp" / "optuna_tpe"
+    cli(tmp_path, *args, "sweep.trials=2")
+    assert sorted(os.listdir(sweep_dir)) == ["0", "1", "optimization_results.yaml", "optuna.db"]
+    first = study(sweep_dir).trials
+    assert [t.state.name for t in first] == ["COMPLETE", "COMPLETE"]
+    # Each trial's value is the objective the run returned: the best val.accuracy in its metrics.jsonl.
+    for t, run in zip(first, sorted(find_runs(str(sweep_dir)), key=lambda r: int(os.path.basename(r.path)))):
+        assert t.value == objective(run, "val.accuracy", "max")
+
+    # Killed in the middle of its third trial: the rerun runs only what is missing, in new job dirs.
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args, "sweep.trials=4",
+                             "trainer.steps=400"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (sweep_dir / "2" / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (sweep_dir / "2").is_dir() and not (sweep_dir / "3").exists()
+    cli(tmp_path, *args, "sweep.trials=4")
+    trials = study(sweep_dir).trials
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 4 and states.count("RUNNING") == 1  # the killed one stays marked running
+    assert sorted(d for d in os.listdir(sweep_dir) if d.isdigit()) == ["0", "1", "2", "3", "4"]
+    # The resumed sampler draws new points rather than replaying the first ones.
+    lrs = [t.params["optim.lr"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(set(lrs)) == 4
+    cli(tmp_path, *args, "sweep.trials=4")  # nothing left to do
+    assert len(study(sweep_dir).trials) == 5
+
+
+def test_grid_sweep_groups_wandb_runs_and_reports(tmp_path):
+    cli(tmp_path, "-m", "+exp=digits_mlp", *TINY_MLP[:-2], "logger=wandb", "trainer.progress=false",
+        "optim.lr=1e-3,1e-2", "sweep.objective=val.accuracy", "sweep.mode=max", "hydra.sweep.dir=sweep")
+    runs = sorted(os.listdir(tmp_path / "sweep"))
+    assert runs[:2] == ["0", "1"]
+    for r in ("0", "1"):  # both runs carry the sweep's group in their (offline) wandb records
+        blobs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "sweep" / r / "wandb") for f in fs
+                 if f.endswith(".wandb")]
+        assert blobs and any(b"digits_mlp/sweep" in open(b, "rb").read() for b in blobs)
+    out = cli(tmp_path, "sweep", module="experiments.report")
+    assert "report.md" in out.stdout
+    table = open(tmp_path / "sweep" / "report.md").read()
+    assert "max of val.accuracy" in table and "optim.lr" in table
+
+
+def test_sweep_over_a_key_that_does_not_exist(tmp_path):
+    p = cli(tmp_path, "-m", "+exp=digits_mlp", "optim.lrr=1e-3,1e-2", check=False)
+    assert p.returncode != 0 and "Key 'lrr' not in 'OptimConfig'" in p.stderr
+    assert not (tmp_path / "multirun").exists() or not any((tmp_path / "multirun").rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sweep.objective=val.bleu", "sweep.objective='val.bleu': must be <split>.<metric>"),
+    ("sweep.objective=accuracy", "must be <split>.<metric>"),
+    ("sweep.mode=best", "sweep.mode='best': must be one of ['min', 'max', 'last']"),
+])
+def test_bad_objective_is_refused_before_training(tmp_path, override, message):
+    p = cli(tmp_path, "+exp=digits_mlp", *TINY_MLP, override, check=False)
+    assert p.returncode == 2 and message in p.stderr and not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_objective_from_a_split_the_data_lacks(tmp_path):
+    from mlsys.config import validate
+    from mlsys.errors import ConfigError
+    from tests.conftest import typed_cfg
+
+    with pytest.raises(ConfigError, match="data=text has no test split here; use val.loss"):
+        validate(typed_cfg(["+exp=shakespeare_char", "sweep.objective=test.loss"]), n_devices=8)
+
+
+def test_rerun_from_the_run_dir_is_bit_identical(tmp_path):
+    cli(tmp_path, "+exp=digits_mlp", *TINY_MLP, "optim.lr=5e-3", "hydra.run.dir=first")
+    out = cli(tmp_path, "first", module="experiments.rerun")
+    (again,) = [tmp_path / "runs" / "digits_mlp" / d for d in os.listdir(tmp_path / "runs" / "digits_mlp")]
+    assert str(os.path.relpath(again, tmp_path)) in out.stdout
+
+    def losses(d):
+        return [(r["step"], r["split"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))]
+
+    assert losses(tmp_path / "first") == losses(again)
+    assert yaml.safe_load(open(again / "config.yaml")) == yaml.safe_load(open(tmp_path / "first" / "config.yaml"))
+    assert "optim.lr=5e-3" in yaml.safe_load(open(again / ".hydra" / "overrides.yaml"))
+    assert json.load(open(again / "rerun.json"))["of"] == str(tmp_path / "first")
+    # Overrides on top are applied and recorded; a bad one, or a folder that is not a run, is a clear error.
+    cli(tmp_path, "first", "seed=1", module="experiments.rerun")
+    bad = cli(tmp_path, "first", "optim.lrr=1", module="experiments.rerun", check=False)
+    assert bad.returncode == 2 and "lrr" in bad.stderr
+    none = cli(tmp_path, str(tmp_path / "runs"), module="experiments.rerun", check=False)
+    assert none.returncode == 2 and "not a run dir (no config.yaml)" in none.stderr
