@@ -13,7 +13,7 @@ from flax import nnx
 
 from mlsys import checkpoint, data
 from mlsys.config import Config, load_saved
-from mlsys.errors import ConfigError
+from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models.lora import Frozen
 from mlsys.train.state import abstract_model
 
@@ -55,7 +55,10 @@ def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint."""
     from mlsys.train.build import build  # build imports this module's neighbours; import late
 
-    base = load_saved(run_dir)
+    try:
+        base = load_saved(run_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"trainer.init_from: {e}") from None
     if not checkpoint.has_checkpoint(run_dir):
         raise ConfigError(f"trainer.init_from={run_dir!r}: that run has no checkpoint to start from")
     if base.lora.rank:
