@@ -107,3 +107,39 @@ def test_cluster_environment_alone_forms_the_group(tmp_path, kind):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     env = json.load(open(tmp_path / "run" / "env.json"))
     assert env["process_count"] == 2 and env["device_count"] == 4
+
+
+def test_serve_manifests_validate_and_agree_with_the_server():
+    deployment, service, hpa = docs("k8s/serve.yaml")
+    for d in (deployment, service, hpa):
+        kubernetes_validate.validate(d, "1.30", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["startupProbe"]["httpGet"]["path"] == "/readyz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = c["ports"][0]
+    assert f"serve.port={port['containerPort']}" in c["args"] and "serve.host=0.0.0.0" in c["args"]
+    assert any(a.startswith("model=/models/") for a in c["args"])
+    # keys from a Secret, never in the manifest; no root, nothing writable
+    (env,) = c["env"]
+    assert env["name"] == "MLSYS_API_KEYS" and "secretKeyRef" in env["valueFrom"]
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    drain = float(next(a for a in c["args"] if a.startswith("serve.drain_timeout_s=")).split("=")[1])
+    assert pod["terminationGracePeriodSeconds"] > drain + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # the Service and the autoscaler point at this Deployment
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    from mlsys.serve.config import from_args
+
+    args = dict(a.split("=", 1) for a in c["args"])
+    cfg = from_args(args)  # every key the manifest sets is one the server knows, with a valid value
+    assert cfg.port == port["containerPort"] and cfg.max_batch == 64
+
+
+def test_serve_image_is_slim_non_root_and_runs_the_server():
+    docker = open(os.path.join(DEPLOY, "serve", "Dockerfile")).read()
+    assert 'ENTRYPOINT ["python", "-m", "experiments.serve"]' in docker and "constraints.txt" in docker
+    assert "FROM python:3.11-slim" in docker and 'pip install ".[serve]"' in docker and "torch" not in docker.split(
+        "FROM python:3.11-slim\n")[1]
+    assert "USER 10001" in docker and "PYTHONDONTWRITEBYTECODE=1" in docker and "EXPOSE 8000" in docker

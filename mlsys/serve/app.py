@@ -3,6 +3,7 @@
 Every error is JSON `{"error": <what>, "detail": <the problem and the fix>}` (and `"field"` for invalid input)."""
 
 import contextlib
+import gc
 import json
 import logging
 
@@ -67,6 +68,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         warm_up(model, cfg.max_batch)
+        # Everything loaded so far (jax and flax included, via mlsys.export) lives as long as the process: keep it out
+        # of the garbage collector's full passes, which otherwise walk it all and stall requests for tens of ms.
+        gc.collect()
+        gc.freeze()
         batcher.start()
         state["ready"] = True
         metrics.ready.set(1)
@@ -86,7 +91,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def api_error(request: Request, e: ApiError):
         return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a plain def would cost a thread hop per request
         if not keys.check(request.headers.get("authorization")):
             # the same answer for a missing, malformed or wrong key: nothing to learn from it
             raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'; the "
