@@ -69,5 +69,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, params, clip: bool = True
     else:
         opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                           optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if clip and cfg.clip_norm > 0 else []
+    # Without clipping here the slot holds optax.identity(): its (empty) state has the same structure, so a
+    # checkpoint of the shard_map step restores under the jit step (export, a resume with trainer.step=jit).
+    chain = [(optax.clip_by_global_norm(cfg.clip_norm) if clip else optax.identity())] if cfg.clip_norm > 0 else []
     return optax.chain(*chain, opt), lr

@@ -75,14 +75,16 @@ def test_fsdp_holds_one_eighth_of_every_sharded_array_per_device():
     assert len(per_device) == 8 and max(per_device.values()) < 0.2 * sum(x.nbytes for x in jax.tree.leaves(state))
 
 
-def test_checkpoint_restores_onto_other_meshes(tmp_path, train_tiny):
+@pytest.mark.parametrize("saved_by, restored_by", [("jit", "shard_map"), ("shard_map", "jit")])
+def test_checkpoint_restores_onto_other_meshes(tmp_path, train_tiny, saved_by, restored_by):
+    """Across meshes, and across the two step kinds (their optimizer states have the same structure)."""
     _, run_dir = train_tiny("shakespeare_char", "trainer.steps=4", "trainer.ckpt_every=4", "model.n_head=4",
-                            "data.batch_size=8",
+                            "data.batch_size=8", f"trainer.step={saved_by}",
                             *mesh_args((1, 8, 1)))
     saved = None
     for shape in [(1, 8, 1), (2, 2, 2), (1, 1, 1)]:
         cfg = typed_cfg(["+exp=shakespeare_char", "model.n_layer=1", "model.d_model=32", "model.n_head=4",
-                         "data.seq_len=16", "data.batch_size=8", *mesh_args(shape)])
+                         "data.seq_len=16", "data.batch_size=8", f"trainer.step={restored_by}", *mesh_args(shape)])
         mesh = make_mesh(cfg.mesh)
         ds = data.load(cfg.data, cfg.seed)
         it = data.train_iterator(ds.splits["train"], cfg.data.batch_size, cfg.seed)
