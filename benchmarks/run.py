@@ -27,11 +27,16 @@ SUITES = {
                    "goal: each asynchronous save blocks the loop for at most 5% of the steps between saves"),
     "export_latency": (["latency-jax", "latency-ort", "latency-ort-int8"], "cpu", 0, "latency-jax",
                        "inference ms per call (model@batch); goal: ONNX Runtime fp32 no slower than JAX at batch 1"),
+    # steps = measured seconds per concurrency level (0: serve_load's default)
+    "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
+              "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
+              "throughput of max_batch=1, p99 <= 50 ms, zero errors"),
 }
 
 
 def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.arm", "--arm", arm, "--size", size, "--steps", str(steps)]
+    module = "benchmarks.serve_load" if arm.startswith("serve") else "benchmarks.arm"  # a server + its client
+    cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps", str(steps)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
@@ -50,6 +55,10 @@ def latency_table(suite: str, rows: dict, ref: str, note: str) -> str:
 
 
 def table(suite: str, rows: dict, ref: str, note: str) -> str:
+    if "load" in rows[ref][0]:
+        from benchmarks.serve_load import load_table
+
+        return load_table(suite, rows, ref, note)
     if "latency_ms" in rows[ref][0]:
         return latency_table(suite, rows, ref, note)
     keys = [k for k in ("ms_per_step", "tokens_per_s", "compile_s", "save_blocked_ms", "blocked_fraction")

@@ -399,3 +399,22 @@ def test_keygen_prints_a_key_and_its_digest(capsys):
     out = capsys.readouterr().out
     key = out.split("key:")[1].split()[0]
     assert f"digest: {digest(key)}" in out and len(key) >= 40
+
+
+# -- make bench's load test, at a tiny size ------------------------------------------------------------------------
+
+
+def test_serve_load_suite_runs_both_arms(exports, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "MLSYS_BENCH_SERVE_MODEL": exports["mlp"]}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "serve", "--repeats", "1", "--steps",
+                          "1", "--size", "tiny", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "latest.md").read_text()
+    assert "| 64 |" in table and "serve-batched / serve-unbatched req/s" in table
+    reps = json.loads((tmp_path / "serve.json").read_text())["repeats"]
+    for arm in ("serve-batched", "serve-unbatched"):
+        load = reps[arm][0]["load"]
+        assert set(load) == {"c1", "c16", "c64"}
+        assert all(v["errors"] == 0 and v["requests"] > 0 and v["p99_ms"] >= v["p50_ms"] > 0 for v in load.values())

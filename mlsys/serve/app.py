@@ -10,6 +10,7 @@ import logging
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from mlsys.serve.auth import KeyChecker, load_digests
 from mlsys.serve.batcher import Batcher, Draining
@@ -102,11 +103,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     body_schema = {"type": "object", "properties": {
         "inputs": {"type": "array", "minItems": 1, "maxItems": cfg.max_rows, "items": one}, "input": one}}
 
-    @v1.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": body_schema}}}})
     async def predict(request: Request):
         """`{"inputs": [example, ...]}` → `{"outputs": [...], "model_version": ...}`; or `{"input": example}` →
         `{"output": ..., "model_version": ...}`."""
+        await require_key(request)
         batcher.pending += 1  # on its way to the queue: the batcher may wait for it
         try:
             raw = await read_body(request, cfg.max_body_bytes)
@@ -141,6 +141,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "max_rows": cfg.max_rows,
             "max_body_bytes": cfg.max_body_bytes, "precision": cfg.precision, "drift_threshold": cfg.drift_threshold}}
 
+    # The hot path is a plain Starlette route, matched first: FastAPI's per-request dependency machinery cost ~100 µs
+    # of the ~260 µs a request took (measured with cProfile at concurrency 64). The FastAPI route below, with the
+    # same function, is never reached: it documents /v1/predict (body schema, key) in the OpenAPI spec.
+    app.router.routes.insert(0, Route("/v1/predict", predict, methods=["POST"]))
+    v1.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": body_schema}}}})(predict)
     app.include_router(v1)
 
     @app.get("/healthz")

@@ -114,7 +114,7 @@ class Batcher:
 
     def _take(self) -> list[Item]:
         """The oldest requests, up to max_batch rows (a larger request alone)."""
-        batch, rows = [self._items.popleft()], 0
+        batch = [self._items.popleft()]
         rows = batch[0].rows
         while self._items and rows + self._items[0].rows <= self.cfg.max_batch:
             rows += self._items[0].rows
