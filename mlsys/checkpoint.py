@@ -3,6 +3,7 @@ and the grain iterator's position, saved asynchronously; restored onto any mesh 
 
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -22,22 +23,71 @@ def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.Che
                                         cleanup_tmp_directories=not read_only)
 
 
+def check_writable(run_dir: str) -> None:
+    """Fail before training, not at the first save, when the checkpoint dir cannot be created or written."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint dir {directory} is not writable ({e.strerror}: {e.filename}); fix its "
+                              f"permissions or free space, or set hydra.run.dir to a writable disk") from None
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an OSError, or for tensorstore's errors, which carry the OS error code in their text."""
+    if isinstance(e, OSError) and e.errno:
+        return f"{os.strerror(e.errno)}: {e.filename}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    code = re.search(r"os_error_code='?(\d+)", text)
+    return f"{os.strerror(int(code.group(1))) + '; ' if code else ''}{type(e).__name__}: {text[:300]}"
+
+
 class Checkpointer:
-    """Saves into <run dir>/checkpoints. `save` returns once the arrays are copied; the write goes on behind."""
+    """Saves into <run dir>/checkpoints. `save` returns once the arrays are copied; the write goes on behind.
+    A failed write (disk full, permissions) raises CheckpointError at the next save or at close; orbax writes
+    into a temporary dir and renames it only when complete, so every earlier step stays as it was."""
 
     def __init__(self, run_dir: str, max_to_keep: int):
         self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
-        self.manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep))
+        self.writing, self.failed = None, False
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep))
+        except Exception as e:
+            raise self._error(None, e) from None
 
     def save(self, step: int, state, data_iter) -> None:
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=grain.checkpoint.CheckpointSave(data_iter)))
+        try:  # an earlier asynchronous write that failed surfaces here
+            if step in self.manager.all_steps():
+                return
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=grain.checkpoint.CheckpointSave(data_iter)))
+            self.writing = step
+        except Exception as e:
+            raise self._error(step, e) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:
+            if not self.failed:  # already reported by save
+                raise self._error(None, e) from None
+
+    def _error(self, step: int | None, e: BaseException) -> CheckpointError:
+        self.failed = True
+        good = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) \
+            else []
+        if self.writing is not None and self.writing not in good:
+            step = self.writing  # the asynchronous write that failed, not the save that found out
+        last = f"the last good checkpoint, step {good[-1]}, is untouched" if good else "no checkpoint was completed"
+        return CheckpointError(f"cannot write checkpoint{f' step {step}' if step is not None else ''} in "
+                               f"{self.directory} ({_reason(e)}); {last}. Free space or fix permissions there, or "
+                               f"set hydra.run.dir to a writable disk; trainer.resume=auto continues from the last "
+                               f"good step")
 
 
 def has_checkpoint(run_dir: str) -> bool:

@@ -2,6 +2,7 @@
 fails when Hydra composes the config; `validate` then checks what types cannot (ranges, names, combinations,
 the mesh against the devices) before anything is compiled. Each message names the key, the value and a fix."""
 
+import math
 import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -174,6 +175,9 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
     """Semantic checks that need no compilation. Raises ConfigError naming the key, the value and a fix."""
     t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
     # trainer
+    _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "must be a non-empty name without '/' (runs "
+           "go to runs/<name>/)")
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     _check(t.steps > 0, "trainer.steps", t.steps, "must be > 0, e.g. trainer.steps=1000")
     _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be > 0, e.g. trainer.log_every=50")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = at the end only)")
@@ -200,6 +204,9 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
     _check(0 < o.b1 < 1 and 0 < o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in (0, 1)")
+    _check(math.isfinite(o.lr), "optim.lr", o.lr, "must be finite, e.g. optim.lr=1e-3")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0, e.g. optim.eps=1e-8")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     # data
     _one_of("data.name", d.name, DATA_CONFIGS)
     _check(type(d) is DATA_CONFIGS[d.name], "data.name", d.name,
@@ -207,6 +214,7 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be > 0")
     _check(d.eval_batch_size >= 0, "data.eval_batch_size", d.eval_batch_size, "must be >= 0 (0 = data.batch_size)")
     _check(d.eval_batches >= 0, "data.eval_batches", d.eval_batches, "must be >= 0 (0 = the whole split)")
+    _check(getattr(d, "split_seed", 0) >= 0, "data.split_seed", getattr(d, "split_seed", 0), "must be >= 0")
     if d.name in ("text", "synthetic"):
         _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     if d.name == "text":
@@ -254,6 +262,8 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
         _one_of("model.attention", m.attention, ATTENTION)
         _one_of("model.remat", m.remat, REMAT)
         _check(m.vocab_multiple > 0, "model.vocab_multiple", m.vocab_multiple, "must be > 0 (1 = no padding)")
+        _check(m.d_model > 0 and m.d_ff >= 0, "model.d_model/d_ff", (m.d_model, m.d_ff),
+               "need d_model > 0 and d_ff >= 0 (0 = 4 x d_model)")
         _check(m.attention != "cudnn" or platform == "gpu", "model.attention", m.attention,
                f"needs an NVIDIA GPU, but the devices are {platform}; use model.attention=auto or xla")
     if m.name == "custom":
@@ -280,6 +290,10 @@ def validate(cfg: Config, n_devices: int, n_processes: int = 1, platform: str = 
     k = t.grad_accum
     _check(d.batch_size % (k * dp) == 0, "data.batch_size", d.batch_size,
            f"must be divisible by trainer.grad_accum={k} x the data-parallel size {dp} = {k * dp}")
+    dist = cfg.dist
+    _check(dist.num_processes >= 1 and 0 <= dist.process_id < dist.num_processes, "dist.process_id/num_processes",
+           (dist.process_id, dist.num_processes), "need num_processes >= 1 and 0 <= process_id < num_processes")
+    _check(dist.timeout_s > 0, "dist.timeout_s", dist.timeout_s, "must be > 0 (seconds)")
     # logger
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     # fine-tuning

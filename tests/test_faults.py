@@ -25,10 +25,11 @@ ARGS = ["+exp=digits_mlp", "logger=jsonl", "trainer.progress=false", f"trainer.s
 TMP = ".orbax-checkpoint-tmp"
 
 
-def launch(run_dir, tmp_path, *extra, preexec_fn=None):
+def launch(run_dir, tmp_path, *extra, args=ARGS, cache=True, preexec_fn=None):
     # One device: the fastest start; the restore checks below reshard onto the test process's devices anyway.
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "WANDB_MODE": "offline"}
-    args = [*ARGS, f"hydra.run.dir={run_dir}", f"trainer.compile_cache={tmp_path / 'jax_cache'}", *extra]
+    args = [*args, f"hydra.run.dir={run_dir}", f"trainer.compile_cache={tmp_path / 'jax_cache' if cache else ''}",
+            *extra]
     err = open(tmp_path / "stderr.log", "a")
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=err, preexec_fn=preexec_fn)
@@ -46,17 +47,26 @@ def entries(run_dir) -> tuple[list[int], list[str]]:
 class Restorer:
     """Restores a run dir's newest checkpoint in this process, as a resuming run would."""
 
-    def __init__(self):
-        self.cfg = typed_cfg(tiny(None, *ARGS[1:]))
+    def __init__(self, args=ARGS):
+        self.cfg = typed_cfg(tiny(None, *args[1:]))
         self.mesh = make_mesh(self.cfg.mesh)
         self.dataset = data.load(self.cfg.data, self.cfg.seed)
-        run = build(self.cfg, self.dataset.spec, self.mesh, STEPS)
+        run = build(self.cfg, self.dataset.spec, self.mesh, self.cfg.trainer.steps)
         self.abstract = checkpoint.abstract_like(run.state, run.shardings)
 
     def __call__(self, run_dir, step=None):
         it = data.train_iterator(self.dataset.splits["train"], self.cfg.data.batch_size, self.cfg.seed)
         state, step = checkpoint.restore(str(run_dir), self.abstract, it, step=step)
         return state, step, it.get_state()
+
+
+def same(a, b) -> bool:
+    """Bit-identical trees, not close ones (RNG keys compared by their data)."""
+    def raw(x):
+        return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(raw(x), raw(y)) for x, y in zip(la, lb))
 
 
 def wait_for(pred, proc, timeout=120.0, poll=0.003):
@@ -110,11 +120,89 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     a, step_a, data_a = restorer(faulted)
     b, step_b, data_b = restorer(tmp_path / "reference")
     assert step_a == step_b == STEPS and data_a == data_b
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        assert np.array_equal(np.asarray(x), np.asarray(y))  # bit-identical, not close
+    assert same(a, b)  # params, optimizer state, step, RNG streams: bit-identical
     print(f"\nSIGKILL: {kills} kills survived, {during_write} during a checkpoint write, "
           f"{len(incomplete_seen)} unfinished step dirs skipped, {fallbacks} fallbacks to an older step")
+
+
+# --- Disk faults. Bigger parameters than above, so that a checkpoint is far larger than the logs and configs.
+DISK = [*ARGS[:-2], "model.hidden=[512]", "trainer.log_every=10", "trainer.ckpt_every=10", "trainer.resume=auto"]
+
+
+def files(directory) -> dict:
+    return {os.path.relpath(os.path.join(r, f), directory): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(directory) for f in fs}
+
+
+def limit_file_size(limit):
+    def apply():  # in the child: writes past `limit` bytes fail with EFBIG, as a full disk fails them with ENOSPC
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (a real ENOSPC when full); needs root and a kernel that lets this container mount."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or not permitted)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["file_size_limit", "full_tmpfs"])
+def test_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_is_untouched(tmp_path, request, fault):
+    run_dir = (request.getfixturevalue("small_disk") if fault == "full_tmpfs" else tmp_path) / "run"
+    first = launch(run_dir, tmp_path, "trainer.steps=10", args=DISK, cache=False)
+    assert first.wait(timeout=300) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+    good = files(run_dir / "checkpoints" / "10")
+    restorer = Restorer(DISK)
+    before = restorer(run_dir)
+    preexec = None
+    if fault == "full_tmpfs":  # fill the disk, leaving room for logs but not for another checkpoint
+        free = os.statvfs(run_dir).f_bavail * os.statvfs(run_dir).f_frsize
+        (run_dir.parent / "filler").write_bytes(bytes(free - 128 * 1024))
+    else:
+        preexec = limit_file_size(256 * 1024)
+    full = launch(run_dir, tmp_path, "trainer.steps=30", args=DISK, cache=False, preexec_fn=preexec)
+    assert full.wait(timeout=300) == 2
+    err = (tmp_path / "stderr.log").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    reason = "No space left on device" if fault == "full_tmpfs" else "File too large"
+    assert line.startswith(f"error: cannot write checkpoint step 20 in {run_dir / 'checkpoints'} ({reason}")
+    assert "the last good checkpoint, step 10, is untouched" in line
+    assert files(run_dir / "checkpoints" / "10") == good  # byte for byte
+    after = restorer(run_dir)
+    assert after[1] == 10 and same(after[0], before[0]) and after[2] == before[2]
+    if fault == "full_tmpfs":
+        (run_dir.parent / "filler").unlink()
+    again = launch(run_dir, tmp_path, "trainer.steps=30", args=DISK, cache=False)  # space again: it continues
+    assert again.wait(timeout=300) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+    assert entries(run_dir)[0][-1] == 30
+
+
+def test_checkpoint_dir_that_cannot_be_created_fails_before_training(tmp_path):
+    """Works as root too (CI), where permission bits do not stop writes: `checkpoints` is a regular file."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a directory")
+    proc = launch(tmp_path / "run", tmp_path, "trainer.steps=10", args=DISK, cache=False)
+    assert proc.wait(timeout=300) == 2
+    line = (tmp_path / "stderr.log").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint dir {tmp_path / 'run' / 'checkpoints'} is not writable (File exists")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_read_only_checkpoint_dir_fails_before_training(train_tiny, tmp_path):
+    from mlsys.errors import CheckpointError
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    os.chmod(tmp_path / "run" / "checkpoints", 0o555)
+    with pytest.raises(CheckpointError, match=r"checkpoints is not writable \(Permission denied"):
+        train_tiny("digits_mlp", run_dir=tmp_path / "run")

@@ -52,6 +52,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
     validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
+    checkpoint.check_writable(run_dir)
 
     # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
     mesh = make_mesh(cfg.mesh)
