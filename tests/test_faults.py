@@ -25,14 +25,21 @@ ARGS = ["+exp=digits_mlp", "logger=jsonl", "trainer.progress=false", f"trainer.s
 TMP = ".orbax-checkpoint-tmp"
 
 
-def launch(run_dir, tmp_path, *extra, args=ARGS, cache=True, preexec_fn=None):
+# Writes past N bytes fail with EFBIG, as on a full disk they fail with ENOSPC (Python ignores SIGXFSZ). Set in a
+# wrapper that then execs the trainer: no Python code runs between fork and exec in this multithreaded process.
+LIMITED = ("import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+           "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def launch(run_dir, tmp_path, *extra, args=ARGS, cache=True, file_size_limit=None):
     # One device: the fastest start; the restore checks below reshard onto the test process's devices anyway.
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "WANDB_MODE": "offline"}
     args = [*args, f"hydra.run.dir={run_dir}", f"trainer.compile_cache={tmp_path / 'jax_cache' if cache else ''}",
             *extra]
     err = open(tmp_path / "stderr.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=err, preexec_fn=preexec_fn)
+    limit = [sys.executable, "-c", LIMITED, str(file_size_limit)] if file_size_limit else [sys.executable]
+    return subprocess.Popen([*limit, "-m", "experiments.run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err)
 
 
 def entries(run_dir) -> tuple[list[int], list[str]]:
@@ -134,15 +141,6 @@ def files(directory) -> dict:
             for r, _, fs in os.walk(directory) for f in fs}
 
 
-def limit_file_size(limit):
-    def apply():  # in the child: writes past `limit` bytes fail with EFBIG, as a full disk fails them with ENOSPC
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return apply
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs (a real ENOSPC when full); needs root and a kernel that lets this container mount."""
@@ -163,13 +161,13 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_is_unto
     good = files(run_dir / "checkpoints" / "10")
     restorer = Restorer(DISK)
     before = restorer(run_dir)
-    preexec = None
+    limit = None
     if fault == "full_tmpfs":  # fill the disk, leaving room for logs but not for another checkpoint
         free = os.statvfs(run_dir).f_bavail * os.statvfs(run_dir).f_frsize
         (run_dir.parent / "filler").write_bytes(bytes(free - 128 * 1024))
     else:
-        preexec = limit_file_size(256 * 1024)
-    full = launch(run_dir, tmp_path, "trainer.steps=30", args=DISK, cache=False, preexec_fn=preexec)
+        limit = 256 * 1024
+    full = launch(run_dir, tmp_path, "trainer.steps=30", args=DISK, cache=False, file_size_limit=limit)
     assert full.wait(timeout=300) == 2
     err = (tmp_path / "stderr.log").read_text()
     assert "Traceback" not in err, err[-3000:]
