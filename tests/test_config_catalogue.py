@@ -158,3 +158,15 @@ def test_fuzzed_overrides_give_a_valid_config_or_a_clear_error(overrides):
         raise AssertionError(f"{overrides}: {type(other).__name__}: {other}") from other
     event("valid" if e is None else type(e).__name__)  # pytest --hypothesis-show-statistics shows the mix
     assert e is None or str(e).strip(), f"{overrides}: {type(e).__name__} with an empty message"
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["trainer.on_nan=ignore"], 2, "error: trainer.on_nan='ignore': must be one of ['stop', 'skip']"),
+    (["trainer.max_nan_skips=0"], 2, "error: trainer.max_nan_skips=0: must be > 0"),
+    (["trainer.spike_factor=abc"], 1, "Error merging override trainer.spike_factor=abc"),  # Hydra's own: exit 1
+])
+def test_through_the_command_line(tmp_path, args, code, message):
+    from tests.test_cli import FAST, run_cli
+
+    out = run_cli([*FAST, *args], tmp_path, timeout=120)
+    assert out.returncode == code and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
