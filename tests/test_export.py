@@ -153,7 +153,7 @@ def test_cli_export_and_verify(runs, tmp_path):
                         f"out={out}"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith(out), r.stderr[-2000:]
     ok = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 files")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 2 files")  # model.onnx, reference_stats.json
     os.remove(os.path.join(out, "model.onnx"))
     bad = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "model.onnx: listed in the manifest but missing" in bad.stderr
