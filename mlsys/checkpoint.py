@@ -24,14 +24,20 @@ def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.Che
 
 
 def check_writable(run_dir: str) -> None:
-    """Fail before training, not at the first save, when the checkpoint dir cannot be created or written."""
+    """Fail before training, not at the first save, when the checkpoint dir cannot be created or written.
+    Process 0 only: the others share its run dir, and two probing processes would race on creating it."""
+    if jax.process_index() != 0:
+        return
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+    existed = os.path.isdir(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(bytes(4096))
         os.remove(probe)
+        if not existed:  # leave nothing behind if a later check fails; the checkpointer creates it again
+            os.rmdir(directory)
     except OSError as e:
         raise CheckpointError(f"checkpoint dir {directory} is not writable ({e.strerror}: {e.filename}); fix its "
                               f"permissions or free space, or set hydra.run.dir to a writable disk") from None
