@@ -48,7 +48,8 @@ def exports(tmp_path_factory):
         for name, exp, extra in [("mlp", "digits_mlp", ["trainer.steps=60"]),
                                  ("gpt", "shakespeare_char", ["model.block_size=32"])]:
             train(typed_cfg(tiny(exp, *extra)), str(root / name))
-            out[name] = export_run(str(root / name), formats=("onnx",), out=str(root / name / "export"))
+            out[name] = export_run(str(root / name), formats=("onnx",), out=str(root / name / "export"),
+                                   quantize="int8" if name == "mlp" else None)
     keys = root / "keys.txt"
     keys.write_text(f"# digests of the accepted keys\n{digest(KEY)}\n")
     out["keys"] = str(keys)
@@ -180,6 +181,24 @@ def test_token_sequences_of_different_lengths_batch_like_single_calls(gpt, expor
     assert bad.status_code == 422 and bad.json()["field"] == "inputs[1][1]" and "vocabulary [0, 65)" in bad.text
     long = predict(gpt.url, {"input": [1] * 33})
     assert long.status_code == 422 and "at most 32" in long.json()["detail"]
+
+
+def test_int8_model_serves_the_same_digits(exports):
+    s = ThreadServer(model=exports["mlp"], api_keys_file=exports["keys"], precision="int8")
+    try:
+        x = digits(64)
+        q = predict(s.url, {"inputs": x[:16].tolist()}).json()
+    finally:
+        s.close()
+    want = ort_run(ort_session(os.path.join(exports["mlp"], "model.int8.onnx")), x[:16])
+    assert np.allclose(q["outputs"], want, atol=1e-5)
+    assert q["model_version"].startswith("mlp-step60-") and q["model_version"] != ready_version(exports)
+
+
+def ready_version(exports) -> str:
+    from mlsys.export.manifest import verify
+
+    return f"mlp-step60-{verify(exports['mlp'])['files']['model.onnx'][:12]}"
 
 
 # -- security ----------------------------------------------------------------------------------------------------
@@ -384,11 +403,11 @@ def test_refuses_to_start_on_a_tampered_or_foreign_export(exports, tmp_path, cap
     (["model={mlp}", "serve.adaptive=maybe"], KEY, "serve.adaptive='maybe': expected true or false"),
     (["model={mlp}", "serve.port=http"], KEY, "serve.port='http': expected int"),
     (["model={mlp}", "serve.prot=80"], KEY, "'serve.prot=80': expected key=value with key in"),
-    (["model={mlp}", "serve.precision=int8"], KEY, "has no model.int8.onnx; export with quantize=int8"),
+    (["model={gpt}", "serve.precision=int8"], KEY, "has no model.int8.onnx; export with quantize=int8"),
     (["model={mlp}", "serve.api_keys_file={tmp}/keys"], KEY, "serve.api_keys_file="),
 ])
 def test_bad_start_up_settings_say_what_to_do(exports, tmp_path, capsys, monkeypatch, args, keys, message):
-    argv = [a.format(mlp=exports["mlp"], tmp=tmp_path) for a in args]
+    argv = [a.format(mlp=exports["mlp"], gpt=exports["gpt"], tmp=tmp_path) for a in args]
     assert message in refusal(capsys, monkeypatch, *argv, keys=keys)
 
 
