@@ -2,6 +2,7 @@
 
 Every error is JSON `{"error": <what>, "detail": <the problem and the fix>}` (and `"field"` for invalid input)."""
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -74,6 +75,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         gc.collect()
         gc.freeze()
         batcher.start()
+        loop = asyncio.get_running_loop()
+        state["drain"] = lambda: loop.call_soon_threadsafe(batcher.flush)  # called from the SIGTERM handler
         state["ready"] = True
         metrics.ready.set(1)
         log.info("serving %s (%s) with max_batch=%d max_delay_ms=%g", model.version, cfg.precision, cfg.max_batch,

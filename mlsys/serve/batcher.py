@@ -46,6 +46,7 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._flush = False  # set on SIGTERM: stop waiting for company, run what is queued
 
     # -- the request side --------------------------------------------------------------------------------------
 
@@ -65,6 +66,12 @@ class Batcher:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="mlsys-batcher")
+
+    def flush(self) -> None:
+        """Draining: from now on every batch runs as soon as the worker is free."""
+        self._flush = True
+        if self._wake is not None:
+            self._wake.set()
 
     async def stop(self) -> None:
         """Take no new work, run everything already queued, then stop."""
@@ -86,7 +93,7 @@ class Batcher:
                 await self._wake.wait()
                 continue
             deadline = self._items[0].arrived + delay
-            while self.queued_rows < self.cfg.max_batch and not self._closing:
+            while self.queued_rows < self.cfg.max_batch and not (self._closing or self._flush):
                 if self.cfg.adaptive and self.pending == 0:
                     break  # every accepted request is queued: waiting longer only adds latency
                 left = deadline - time.perf_counter()

@@ -1,5 +1,6 @@
-"""Run the app under uvicorn. SIGTERM (or Ctrl-C): stop accepting connections, mark /readyz not ready, let every
-accepted request finish (up to serve.drain_timeout_s), then drain the batcher's queue and exit 0."""
+"""Run the app under uvicorn. SIGTERM (or Ctrl-C): stop accepting connections, mark /readyz not ready, run what is
+queued at once (no more waiting for company), let every accepted request finish (up to serve.drain_timeout_s), stop
+the batcher and exit 0."""
 
 import logging
 
@@ -14,6 +15,8 @@ class DrainingServer(uvicorn.Server):
         state = getattr(getattr(self.config.app, "state", None), "serve", None)
         if state is not None:
             state["ready"] = False
+            if "drain" in state:
+                state["drain"]()  # queued requests run now instead of waiting out max_delay_ms
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal once shut down (exit status 143); a drained shutdown is a clean exit (0)
         getattr(self, "_captured_signals", []).clear()
