@@ -145,3 +145,18 @@ def test_init_from_another_family_or_nothing(train_tiny, tmp_path):
 
     with pytest.raises(ConfigError, match=r"lora.rank=8: adapts a trained model: set trainer.init_from"):
         validate(typed_cfg(["+exp=shakespeare_char_lora"]), n_devices=8)
+
+
+def test_lora_under_shard_map_on_fsdp_matches_one_device(train_tiny, tmp_path):
+    """The frozen weights are fsdp-sliced like parameters: the shard_map step gathers them and never updates them."""
+    _, base_dir = train_tiny("shakespeare_char", "data.batch_size=8", run_dir=tmp_path / "base")
+    runs = {}
+    for name, extra in {"one": [], "fsdp": ["mesh=fsdp", "trainer.step=shard_map"]}.items():
+        _, runs[name] = train_tiny("shakespeare_char_lora", f"trainer.init_from={base_dir}", "data.batch_size=8",
+                                   *extra, run_dir=tmp_path / name)
+    losses = {k: [r["loss"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["split"] == "train"]
+              for k, d in runs.items()}
+    np.testing.assert_allclose(losses["fsdp"], losses["one"], atol=1e-5)
+    base = flat(nnx.state(load_run(base_dir).model, nnx.Param))
+    tuned = flat(nnx.state(load_run_unmerged(runs["fsdp"]), Frozen))
+    assert all(np.array_equal(base[k], tuned[k]) for k in base)

@@ -18,11 +18,16 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mlsys.errors import ConfigError
+from mlsys.models.lora import Frozen
 from mlsys.parallel import activation_sharding
 from mlsys.train.state import TrainState
 from mlsys.train.step import is_key, loss_and_grads, skip_unless
 
 MANUAL = ("data", "fsdp")
+
+
+def is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def manual_spec(spec: P) -> P:
@@ -53,6 +58,9 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     """`tx` must not clip: clipping needs the norm across slices and is done here."""
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     dims = [fsdp_dim(s.spec) for s in jax.tree.leaves(shardings.params)]
+    # LoRA's frozen weights live in `rest`, sliced over fsdp like parameters: gathered, never updated.
+    rest_dims = [fsdp_dim(v.get_value().spec) if is_var(v) else -1
+                 for v in jax.tree.leaves(shardings.rest, is_leaf=is_var)]
     state_specs = jax.tree.map(lambda s: manual_spec(s.spec), shardings)
     if manual_spec(batch_spec) != P(MANUAL) and n_shards > 1:
         raise ConfigError(f"trainer.step=shard_map needs batches split over (data, fsdp); mesh.act_rules.batch gives "
@@ -70,15 +78,22 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         p_leaves, p_def = jax.tree.flatten(state.params)
         full = jax.tree.unflatten(p_def, [gather(p, d) for p, d in zip(p_leaves, dims)])
         shard = jax.lax.axis_index(MANUAL)
-        rest = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_key(x) else x, state.rest)
+        r_leaves, r_def = jax.tree.flatten(state.rest, is_leaf=is_var)
+        frozen = [isinstance(v, Frozen) for v in r_leaves]
+        rest = jax.tree.unflatten(r_def, [v.replace(gather(v.get_value(), d)) if f else v
+                                          for v, f, d in zip(r_leaves, frozen, rest_dims)])
+        rest = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_key(x) else x, rest)
         model = nnx.merge(graphdef, full, rest)
         with activation_sharding(None, None):  # inside the map the layout is explicit: no GSPMD constraints
             (loss, acc), grads = loss_and_grads(model, batch, grad_accum)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        # RNG keys stay as they were (only counters move); batch statistics become the mean over shards.
+        # Frozen weights and RNG keys stay as they were (only counters move); batch statistics become the mean
+        # over shards.
+        new_rest = jax.tree.unflatten(r_def, [old if f else new for old, new, f in
+                                              zip(r_leaves, jax.tree.leaves(new_rest, is_leaf=is_var), frozen)])
         new_rest = jax.tree.map(
-            lambda old, new: old if is_key(old) else (jax.lax.pmean(new, MANUAL)
-                                                      if jnp.issubdtype(new.dtype, jnp.floating) else new),
+            lambda old, new: old if is_key(old) or old is new else (
+                jax.lax.pmean(new, MANUAL) if jnp.issubdtype(new.dtype, jnp.floating) else new),
             state.rest, new_rest)
         g_leaves = [reduce(g, d) for g, d in zip(jax.tree.leaves(grads), dims)]
         sq_sliced = sum((jnp.sum(g.astype(jnp.float32) ** 2) for g, d in zip(g_leaves, dims) if d >= 0),
