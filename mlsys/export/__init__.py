@@ -62,6 +62,8 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                 "git": run.env.get("git"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             "parity": {"tolerance": tol, "inputs": f"{len(x)} held-out examples"}, "formats": [],
         }
+        if run.cfg.lora.rank:
+            manifest["lora"] = {**asdict(run.cfg.lora), "merged": True, "init_from": run.cfg.trainer.init_from}
         max_len = getattr(run.cfg.model, "block_size", None)
         if "onnx" in formats:
             manifest["onnx"] = to_onnx(run.model, spec, os.path.join(tmp, "model.onnx"), max_len)
