@@ -5,7 +5,12 @@ import logging
 import os
 import sys
 
-from omegaconf.errors import OmegaConfBaseException
+try:
+    from omegaconf.errors import OmegaConfBaseException
+except ImportError:  # the model-server image installs only what serving needs
+
+    class OmegaConfBaseException(Exception):
+        pass
 
 from mlsys.errors import EXIT_PREEMPTED, MlsysError, Preempted
 

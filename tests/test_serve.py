@@ -445,3 +445,18 @@ def test_serve_load_suite_runs_both_arms(exports, tmp_path):
         load = reps[arm][0]["load"]
         assert set(load) == {"c1", "c16", "c64"}
         assert all(v["errors"] == 0 and v["requests"] > 0 and v["p99_ms"] >= v["p50_ms"] > 0 for v in load.values())
+
+
+def test_the_server_needs_no_training_stack(exports):
+    """The serving path (entry point, app, a loaded and verified export) imports neither JAX nor Flax, orbax,
+    grain, Hydra, torch, optuna nor wandb: the model-server image installs only what serving needs."""
+    code = ("import sys, experiments.serve\n"
+            "from mlsys.serve import create_app\n"
+            "from mlsys.serve.config import ServeConfig\n"
+            f"create_app(ServeConfig(model={exports['mlp']!r}, api_keys_file={exports['keys']!r}))\n"
+            "heavy = {'jax', 'flax', 'orbax', 'grain', 'hydra', 'torch', 'optuna', 'wandb', 'jax2onnx', 'sklearn'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

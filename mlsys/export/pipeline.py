@@ -1,4 +1,4 @@
-"""The production bridge: a trained run → an export folder with ONNX, a PyTorch mirror (safetensors weights and a
+"""Export, step by step: a trained run → an export folder with ONNX, a PyTorch mirror (safetensors weights and a
 self-contained torch.export program), optional INT8, and a signed manifest. Parity with JAX is part of export: if
 ONNX Runtime or torch disagree with JAX beyond the tolerance on the run's own held-out data, export fails."""
 

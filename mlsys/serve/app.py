@@ -70,8 +70,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         warm_up(model, cfg.max_batch)
-        # Everything loaded so far (jax and flax included, via mlsys.export) lives as long as the process: keep it out
-        # of the garbage collector's full passes, which otherwise walk it all and stall requests for tens of ms.
+        # Everything loaded so far (FastAPI, ONNX Runtime, the model) lives as long as the process: keep it out of
+        # the garbage collector's full passes, which otherwise walk it all and stall requests for tens of ms.
         gc.collect()
         gc.freeze()
         batcher.start()
