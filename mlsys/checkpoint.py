@@ -52,6 +52,18 @@ def _reason(e: BaseException) -> str:
     return f"{os.strerror(int(code.group(1))) + '; ' if code else ''}{type(e).__name__}: {text[:300]}"
 
 
+def use_distributed_barriers() -> None:
+    """orbax's default barrier between processes is a device collective (sync_global_devices). Some of orbax's
+    barriers run in its background threads (e.g. deleting old steps), where such a collective can interleave with
+    the training step's own collectives in a different order on each process and deadlock. The coordination
+    service's barriers involve no device, so they cannot."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # absl flags outside absl.app: the defaults, as parsed
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
 class Checkpointer:
     """Saves into <run dir>/checkpoints. `save` returns once the arrays are copied; the write goes on behind.
     A failed write (disk full, permissions) raises CheckpointError at the next save or at close; orbax writes
@@ -60,6 +72,8 @@ class Checkpointer:
     def __init__(self, run_dir: str, max_to_keep: int):
         self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
         self.writing, self.failed = None, False
+        if jax.process_count() > 1:
+            use_distributed_barriers()
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep))
         except Exception as e:

@@ -46,6 +46,12 @@ class GPTConfig:
     vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (128 suits matrix units); padding never wins
 
 
+def first(table: Array, n, axis: int = 0) -> Array:
+    """The first n entries of `table` along `axis`, as one static slice even when n is a symbolic dimension (ONNX
+    export): plain indexing table[:n] may lower to a gather, which jax2onnx cannot size symbolically."""
+    return jax.lax.slice_in_dim(table, 0, n, axis=axis)
+
+
 def rope(x: Float[Array, "B T H D"], base: float, max_len: int) -> Float[Array, "B T H D"]:
     """Rotary position embedding (rotate-half form) applied to queries or keys."""
     t, d = x.shape[1], x.shape[-1]
@@ -85,7 +91,7 @@ class Attention(nnx.Module):
             q, k = rope(q, self.rope_base, self.max_len), rope(k, self.rope_base, self.max_len)
         # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
         if self.explicit_mask:  # ONNX export: is_causal needs a static T, a mask table sliced to T does not
-            mask = jnp.tril(jnp.ones((self.max_len, self.max_len), bool))[:t, :t][None, None]
+            mask = first(first(jnp.tril(jnp.ones((self.max_len, self.max_len), bool)), t), t, axis=1)[None, None]
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
@@ -145,7 +151,7 @@ class GPT(nnx.Module):
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
         x = self.wte(tokens)
         if self.wpe is not None:
-            x = x + self.wpe.embedding[...][: tokens.shape[1]].astype(x.dtype)[None]  # sliced: T may be symbolic
+            x = x + first(self.wpe.embedding[...], tokens.shape[1]).astype(x.dtype)[None]  # T may be symbolic
         x = constrain(self.dropout(x), ("batch", "seq", "embed"))
         for block in self.blocks:
             x = nnx.remat(_run_block, policy=self.remat_policy)(block, x) if self.remat else block(x)
