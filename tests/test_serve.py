@@ -20,7 +20,7 @@ import pytest
 
 from mlsys.export.onnx_export import ort_run, ort_session
 from mlsys.serve.auth import digest, load_digests
-from mlsys.serve.config import ServeConfig, from_args
+from mlsys.serve.config import ServeConfig
 from mlsys.errors import ConfigError
 from tests.conftest import ROOT
 
