@@ -9,6 +9,7 @@ import json
 import logging
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -57,7 +58,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(cfg: ServeConfig) -> FastAPI:
+def create_app(cfg: ServeConfig) -> "HotPath":
     """Everything that can be wrong with the keys or the export fails here, before the server listens."""
     keys = KeyChecker(load_digests(cfg.api_keys_file))
     model = ServedModel(cfg)
@@ -109,12 +110,18 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def predict(request: Request):
         """`{"inputs": [example, ...]}` → `{"outputs": [...], "model_version": ...}`; or `{"input": example}` →
         `{"output": ..., "model_version": ...}`."""
+        try:  # answers its own errors: the hot path bypasses FastAPI's exception handlers (see HotPath)
+            return await answer(request)
+        except ApiError as e:
+            return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+    async def answer(request: Request):
         await require_key(request)
         batcher.pending += 1  # on its way to the queue: the batcher may wait for it
         try:
             raw = await read_body(request, cfg.max_body_bytes)
             try:
-                body = json.loads(raw)
+                body = parse_json(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise ApiError(400, "malformed JSON", f"the body is not JSON ({e}); send Content-Type: "
                                "application/json and a body like {\"inputs\": [example, ...]}") from None
@@ -134,7 +141,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         metrics.rows.inc(len(outputs))
         result = ({"output": outputs[0].tolist()} if single else {"outputs": [np.asarray(o).tolist() for o in outputs]})
         result["model_version"] = model.version
-        return Response(json.dumps(result).encode(), media_type="application/json")
+        return Response(orjson.dumps(result), media_type="application/json")
 
     @v1.get("/model")
     async def manifest():
@@ -144,10 +151,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "max_rows": cfg.max_rows,
             "max_body_bytes": cfg.max_body_bytes, "precision": cfg.precision, "drift_threshold": cfg.drift_threshold}}
 
-    # The hot path is a plain Starlette route, matched first: FastAPI's per-request dependency machinery cost ~100 µs
-    # of the ~260 µs a request took (measured with cProfile at concurrency 64). The FastAPI route below, with the
-    # same function, is never reached: it documents /v1/predict (body schema, key) in the OpenAPI spec.
-    app.router.routes.insert(0, Route("/v1/predict", predict, methods=["POST"]))
+    # The hot path is a plain Starlette route, reached without FastAPI's middleware stack (HotPath below): FastAPI's
+    # per-request dependency machinery cost ~100 µs of the ~260 µs a request took, its middleware layers ~10% of the
+    # rest (cProfile and py-spy at concurrency 64). The FastAPI route below, with the same function, is never
+    # reached: it documents /v1/predict (body schema, key) in the OpenAPI spec.
+    hot = CountRequests(Route("/v1/predict", predict, methods=["POST"]).app, metrics=metrics, routes=ROUTES)
     v1.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": body_schema}}}})(predict)
     app.include_router(v1)
@@ -169,7 +177,33 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(CountRequests, metrics=metrics, routes=ROUTES)
-    return app
+    return HotPath(app, hot, "/v1/predict")
+
+
+class HotPath:
+    """ASGI: `POST <path>` straight to its handler (which checks the key, limits the body and answers its own
+    errors), everything else — other routes, other methods, lifespan — to the FastAPI app."""
+
+    def __init__(self, app: FastAPI, hot, path: str):
+        self.app, self.hot, self.path = app, hot, path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
+            return await self.hot(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def __getattr__(self, name: str):  # .state, .openapi(), ... of the FastAPI app
+        return getattr(self.app, name)
+
+
+def parse_json(raw: bytes):
+    """orjson: ~5x faster than the standard library on arrays of numbers, which were 15% of the server's CPU under
+    load. What orjson refuses goes to the standard library's parser, so that a NaN or Infinity literal still gets
+    a 422 naming its field, and only truly malformed JSON a 400."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def warm_up(model: ServedModel, max_batch: int) -> None:
