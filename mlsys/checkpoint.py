@@ -1,6 +1,7 @@
 """Checkpoints with orbax: the whole train state (params, optimizer state, step, RNG streams, batch statistics)
 and the grain iterator's position, saved asynchronously; restored onto any mesh from abstract sharded targets."""
 
+import contextlib
 import logging
 import os
 import re
@@ -139,12 +140,31 @@ def find_run(resume: str, current_run_dir: str) -> str | None:
     return resume
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    """orbax warns "Given directory is read only" whenever a manager is opened to read, which restore does on
+    purpose (export, init_from, resume): not worth a warning in the user's log."""
+    quiet = _DropReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def restore(run_dir: str, abstract_state, data_iter, step: int | None = None):
     """Restore the newest readable checkpoint of `run_dir` (or exactly `step`) into shardings given by
     `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) and set `data_iter` to its saved position. An
     unreadable step (empty, partly written, corrupt) is skipped with a warning in favour of the one before it."""
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    manager = ocp.CheckpointManager(directory, options=_options(read_only=True))
+    with _quiet_read_only():
+        manager = ocp.CheckpointManager(directory, options=_options(read_only=True))
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:

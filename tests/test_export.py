@@ -188,3 +188,17 @@ def test_nothing_from_elsewhere_is_ever_unpickled():
                 offenders += [f"{f}: np.load" for m in re.finditer(r"np\.load\(([^)]*)\)", src)
                               if "allow_pickle=False" not in m.group(1)]
     assert not offenders
+
+
+def test_reading_a_run_says_nothing_about_read_only_directories(runs, caplog):
+    """orbax warns that a manager opened for reading is read-only; restore opens one on purpose, quietly."""
+    with caplog.at_level("WARNING"):
+        from mlsys.export.restore import load_run
+
+        load_run(runs["mlp"])
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
+    import logging
+
+    with caplog.at_level("WARNING"):  # the filter is gone afterwards: orbax's other warnings still show
+        logging.getLogger("absl").warning("Given directory is read only=%s", "elsewhere")
+    assert [r for r in caplog.records if "read only" in r.getMessage()]
