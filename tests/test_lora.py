@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlsys import checkpoint
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.export.restore import load_run
 from mlsys.models import DataSpec, GPTConfig, MLPConfig, build_model
@@ -73,7 +72,7 @@ def test_lora_run_trains_adapters_only_and_exports_merged(train_tiny, tmp_path):
     env = json.load(open(os.path.join(run_dir, "env.json")))
     assert env["init_from"] == base_dir and env["n_trainable"] < env["n_params"]
     assert env["trainable_fraction"] == pytest.approx(env["n_trainable"] / env["n_params"])
-    base, tuned = load_run(base_dir), load_run_unmerged(run_dir)
+    base, tuned = load_run(base_dir), load_run(run_dir, merge=False).model
     b, t = flat(nnx.state(base.model, nnx.Param)), flat(nnx.state(tuned, Frozen))
     assert b.keys() == t.keys() and all(np.array_equal(b[k], t[k]) for k in b)  # frozen: bit-identical
     lora_b = [v for p, v in flat(nnx.state(tuned, nnx.LoRAParam)).items() if p[-1] == "lora_b"]
@@ -85,22 +84,6 @@ def test_lora_run_trains_adapters_only_and_exports_merged(train_tiny, tmp_path):
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["lora"]["merged"] and manifest["lora"]["rank"] == 8
     assert manifest["parity"]["onnx_max_abs_diff"] < 1e-4
-
-
-def load_run_unmerged(run_dir):
-    """The fine-tuned model as trained (adapters apart), from its checkpoint."""
-    from mlsys import data
-    from mlsys.config import load_saved
-    from mlsys.parallel import MeshConfig, make_mesh
-    from mlsys.train.build import build
-
-    cfg = load_saved(run_dir)
-    cfg.mesh = MeshConfig()
-    ds = data.load(cfg.data, cfg.seed)
-    run = build(cfg, ds.spec, make_mesh(cfg.mesh), cfg.trainer.steps)
-    it = data.train_iterator(ds.splits["train"], cfg.data.batch_size, cfg.seed)
-    state, _ = checkpoint.restore(run_dir, checkpoint.abstract_like(run.state, run.shardings), it)
-    return nnx.merge(run.eval_def, state.params, state.rest)
 
 
 def test_lora_run_starts_exactly_at_the_pretrained_model(train_tiny, tmp_path):
@@ -158,5 +141,5 @@ def test_lora_under_shard_map_on_fsdp_matches_one_device(train_tiny, tmp_path):
               for k, d in runs.items()}
     np.testing.assert_allclose(losses["fsdp"], losses["one"], atol=1e-5)
     base = flat(nnx.state(load_run(base_dir).model, nnx.Param))
-    tuned = flat(nnx.state(load_run_unmerged(runs["fsdp"]), Frozen))
+    tuned = flat(nnx.state(load_run(runs["fsdp"], merge=False).model, Frozen))
     assert all(np.array_equal(base[k], tuned[k]) for k in base)

@@ -11,7 +11,7 @@ from mlsys.config import Config, load_saved
 from mlsys.errors import CheckpointError
 from mlsys.models.lora import merge_lora
 from mlsys.parallel import MeshConfig, make_mesh
-from mlsys.train.build import build
+from mlsys.train.build import restore_trainer
 
 
 @dataclass
@@ -24,7 +24,9 @@ class LoadedRun:
     env: dict
 
 
-def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
+def load_run(run_dir: str, step: int | None = None, merge: bool = True) -> LoadedRun:
+    """The run's model at its newest checkpoint (or `step`); a LoRA fine-tune with its adapters merged into the
+    kernels unless merge=False."""
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run={run_dir!r}: no such directory; give a run dir (runs/<exp>/<time>)")
     cfg = load_saved(run_dir)
@@ -33,11 +35,9 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     cfg.mesh = MeshConfig()  # whatever mesh it trained on, export restores onto one device
     cfg.trainer.step, cfg.trainer.grad_accum = "jit", 1
     dataset = data.load(cfg.data, cfg.seed)
-    run = build(cfg, dataset.spec, make_mesh(cfg.mesh), cfg.trainer.steps)
-    it = data.train_iterator(dataset.splits["train"], cfg.data.batch_size, cfg.seed)
-    state, step = checkpoint.restore(run_dir, checkpoint.abstract_like(run.state, run.shardings), it, step)
+    run, state, step = restore_trainer(run_dir, cfg, dataset.spec, make_mesh(cfg.mesh), dataset, step)
     model = nnx.merge(run.eval_def, state.params, state.rest)
-    if cfg.lora.rank:  # a LoRA fine-tune exports as the plain model, the adapters folded into its kernels
+    if cfg.lora.rank and merge:  # a LoRA fine-tune exports as the plain model, the adapters folded into its kernels
         model = merge_lora(model)
     env_path = os.path.join(run_dir, "env.json")
     env = {}

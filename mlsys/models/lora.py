@@ -11,7 +11,6 @@ plain nnx.Linear kernels for export.
 import fnmatch
 from dataclasses import dataclass, field
 
-import jax
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -113,8 +112,14 @@ def _retype(model: nnx.Module, old: type, new: type) -> None:
                 setattr(parent, name, new(value.get_value(), **value.get_metadata()))
 
 
-def count(model: nnx.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    frozen = sum(x.size for x in jax.tree.leaves(nnx.state(model, Frozen)))
-    return trainable, trainable + frozen
+def count(*parts) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a model, or of the states it was split into (params, rest): the
+    nnx.Param entries are trained, the Frozen ones count towards the total."""
+    states = [nnx.state(p) if isinstance(p, nnx.Module) else p for p in parts]
+    sizes = {nnx.Param: 0, Frozen: 0}
+    for state in states:
+        for _, v in nnx.to_flat_state(state):
+            for kind in sizes:
+                if isinstance(v, kind):
+                    sizes[kind] += v.get_value().size
+    return sizes[nnx.Param], sizes[nnx.Param] + sizes[Frozen]

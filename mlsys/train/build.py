@@ -4,6 +4,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
+from mlsys import checkpoint, data
 from mlsys.optim import make_optimizer
 from mlsys.parallel import batch_sharding
 from mlsys.train.shard_step import make_shard_map_step
@@ -36,3 +37,12 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
         step = make_train_step(train_def, tx, lr_schedule, cfg.trainer.grad_accum, cfg.trainer.on_nan)
     train_step = jax.jit(step, in_shardings=(shardings, put), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(state, shardings, train_step, jax.jit(make_eval_step(eval_def)), eval_def, put, lr_schedule)
+
+
+def restore_trainer(run_dir: str, cfg, spec, mesh: jax.sharding.Mesh, dataset, step: int | None = None):
+    """A saved run's own Trainer (its optimizer too: orbax restores whole trees) on `mesh`, and the state of its
+    newest readable checkpoint (or of `step`). Returns (trainer, state, step)."""
+    run = build(cfg, spec, mesh, cfg.trainer.steps)
+    scratch = data.train_iterator(dataset.splits["train"], cfg.data.batch_size, cfg.seed)  # takes the saved position
+    state, step = checkpoint.restore(run_dir, checkpoint.abstract_like(run.state, run.shardings), scratch, step)
+    return run, state, step

@@ -8,7 +8,6 @@ from dataclasses import asdict
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -17,7 +16,7 @@ from mlsys.config import Config, validate
 from mlsys.data.checks import check_fits
 from mlsys.errors import Preempted
 from mlsys.models.gpt import flops_per_token
-from mlsys.models.lora import Frozen
+from mlsys.models import lora
 from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
@@ -68,9 +67,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     run = build(cfg, dataset.spec, mesh, t.steps)
     state = run.state
     # With LoRA only the adapters are nnx.Param (trained); the frozen weights count towards the model's size.
-    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
-    n_params = n_trainable + sum(v.get_value().size for _, v in nnx.to_flat_state(state.rest)
-                                 if isinstance(v, Frozen))
+    n_trainable, n_params = lora.count(state.params, state.rest)
     per_device = bytes_per_device(state)
     # Speed accounting: tokens per example, and for GPT models the FLOPs per token behind MFU.
     tokens = d.seq_len if dataset.spec.task == "lm" else 0

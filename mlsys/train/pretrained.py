@@ -53,7 +53,7 @@ def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
 
 def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint."""
-    from mlsys.train.build import build  # build imports this module's neighbours; import late
+    from mlsys.train.build import restore_trainer  # build imports this module's neighbours; import late
 
     try:
         base = load_saved(run_dir)
@@ -67,9 +67,7 @@ def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     check_compatible(run_dir, base, cfg, spec)
     # Rebuild the pretrained run's own state (its optimizer too: orbax restores whole trees) on this run's mesh.
     base = replace(base, mesh=cfg.mesh, trainer=replace(base.trainer, grad_accum=1))
-    pre = build(base, spec, mesh, base.trainer.steps)
-    scratch = data.train_iterator(data.load(base.data, base.seed).splits["train"], base.data.batch_size, base.seed)
-    restored, step = checkpoint.restore(run_dir, checkpoint.abstract_like(pre.state, pre.shardings), scratch)
+    _, restored, step = restore_trainer(run_dir, base, spec, mesh, data.load(base.data, base.seed))
     found = _weights(restored.params) | _weights(restored.rest)
 
     def take(st: nnx.State) -> nnx.State:

@@ -78,23 +78,24 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         p_leaves, p_def = jax.tree.flatten(state.params)
         full = jax.tree.unflatten(p_def, [gather(p, d) for p, d in zip(p_leaves, dims)])
         shard = jax.lax.axis_index(MANUAL)
-        r_leaves, r_def = jax.tree.flatten(state.rest, is_leaf=is_var)
-        frozen = [isinstance(v, Frozen) for v in r_leaves]
-        rest = jax.tree.unflatten(r_def, [v.replace(gather(v.get_value(), d)) if f else v
-                                          for v, f, d in zip(r_leaves, frozen, rest_dims)])
-        rest = jax.tree.map(lambda x: jax.random.fold_in(x, shard) if is_key(x) else x, rest)
+        # Every other variable, one by one: frozen weights (LoRA) are gathered like parameters, RNG keys get this
+        # shard's stream.
+        r_vars, r_def = jax.tree.flatten(state.rest, is_leaf=is_var)
+        rest = jax.tree.unflatten(r_def, [
+            v.replace(gather(v.get_value(), d)) if isinstance(v, Frozen) else
+            v.replace(jax.random.fold_in(v.get_value(), shard)) if is_key(v.get_value()) else v
+            for v, d in zip(r_vars, rest_dims)])
         model = nnx.merge(graphdef, full, rest)
         with activation_sharding(None, None):  # inside the map the layout is explicit: no GSPMD constraints
             (loss, acc), grads = loss_and_grads(model, batch, grad_accum)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         # Frozen weights and RNG keys stay as they were (only counters move); batch statistics become the mean
         # over shards.
-        new_rest = jax.tree.unflatten(r_def, [old if f else new for old, new, f in
-                                              zip(r_leaves, jax.tree.leaves(new_rest, is_leaf=is_var), frozen)])
-        new_rest = jax.tree.map(
-            lambda old, new: old if is_key(old) or old is new else (
-                jax.lax.pmean(new, MANUAL) if jnp.issubdtype(new.dtype, jnp.floating) else new),
-            state.rest, new_rest)
+        new_rest = jax.tree.unflatten(r_def, [
+            old if isinstance(old, Frozen) or is_key(old.get_value()) else
+            new.replace(jax.lax.pmean(new.get_value(), MANUAL)) if jnp.issubdtype(new.get_value().dtype, jnp.floating)
+            else new
+            for old, new in zip(r_vars, jax.tree.leaves(new_rest, is_leaf=is_var))])
         g_leaves = [reduce(g, d) for g, d in zip(jax.tree.leaves(grads), dims)]
         sq_sliced = sum((jnp.sum(g.astype(jnp.float32) ** 2) for g, d in zip(g_leaves, dims) if d >= 0),
                         jnp.zeros(()))
