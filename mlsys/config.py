@@ -53,7 +53,7 @@ class DistConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # one of LOGGERS; metrics.jsonl is written either way
+    name: str = "wandb"  # one of mlsys.validate.LOGGERS; metrics.jsonl is written either way
     project: str = "mlsys"
     entity: Optional[str] = None
     mode: Optional[str] = None  # None = offline, unless WANDB_MODE or WANDB_API_KEY is set
@@ -148,4 +148,4 @@ def load_saved(run_dir: str) -> Config:
 
 
 # The checks live in mlsys/validate.py; imported here so that `from mlsys.config import validate` keeps working.
-from mlsys.validate import LOGGERS, data_task, validate  # noqa: E402, F401
+from mlsys.validate import validate  # noqa: E402, F401

@@ -13,6 +13,7 @@ import numpy as np
 
 from mlsys.export.manifest import verify, write_signed
 from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
+from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
 
 FORMATS = ("onnx", "torch")
@@ -21,9 +22,7 @@ MIRRORED = ("mlp", "cnn", "gpt")
 
 def held_out(run: LoadedRun, n: int = 64) -> np.ndarray:
     """Real inputs the model did not train on: the test split (else validation), spread over it."""
-    split = run.dataset.splits.get("test") or run.dataset.splits["val"]
-    idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
-    return np.stack([split[int(i)]["inputs"] for i in idx])
+    return spread_inputs(run.dataset.splits.get("test") or run.dataset.splits["val"], n)
 
 
 def parity(name: str, got: np.ndarray, want: np.ndarray, tol: float) -> float:
@@ -107,9 +106,7 @@ def preprocessing(run: LoadedRun) -> dict:
 def write_reference(run: LoadedRun, folder: str) -> str:
     """reference_stats.json: the training inputs' histograms (arrays) or token frequencies, for drift monitoring
     and input ranges in mlsys.serve; hashed and signed with the rest of the folder."""
-    from mlsys.export.reference import reference_stats, training_inputs
-
-    x = training_inputs(run.dataset.splits["train"])
+    x = spread_inputs(run.dataset.splits["train"])
     kind = "tokens" if run.dataset.spec.task == "lm" else "array"
     stats = reference_stats(x, kind, run.dataset.spec.num_classes if kind == "tokens" else None)
     with open(os.path.join(folder, "reference_stats.json"), "w") as f:

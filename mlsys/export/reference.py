@@ -49,7 +49,7 @@ def reference_stats(inputs: np.ndarray, kind: str, vocab_size: int | None = None
             "hist": (counts / len(x)).round(8).tolist()}
 
 
-def training_inputs(split, max_examples: int = 5000) -> np.ndarray:
-    """Up to `max_examples` training inputs, spread evenly over the split."""
-    idx = np.unique(np.linspace(0, len(split) - 1, min(max_examples, len(split))).astype(int))
+def spread_inputs(split, max_examples: int = 5000) -> np.ndarray:
+    """Up to `max_examples` inputs of a split, spread evenly over it."""
+    idx = np.linspace(0, len(split) - 1, min(max_examples, len(split))).astype(int)  # distinct: spacing >= 1
     return np.stack([split[int(i)]["inputs"] for i in idx])
