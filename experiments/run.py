@@ -27,8 +27,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = hc.runtime.output_dir
     typed = to_typed(cfg)
     if hc.mode == RunMode.MULTIRUN and typed.logger.group is None:
-        # One wandb group per sweep: <experiment>/<sweep dir name>.
+        # One wandb group (MLflow parent run) per sweep: <experiment>/<sweep dir name>.
         typed.logger.group = f"{typed.name}/{os.path.basename(os.path.normpath(hc.sweep.dir))}"
+    if hc.mode == RunMode.MULTIRUN and typed.logger.store_dir is None:
+        typed.logger.store_dir = hc.sweep.dir  # a sweep's MLflow runs share one local store
     t0 = time.perf_counter()
     results = train(typed, run_dir)
     if jax.process_index() != 0:  # process 0 alone writes metrics.jsonl

@@ -56,9 +56,11 @@ class LoggerConfig:
     name: str = "wandb"  # one of mlsys.validate.LOGGERS; metrics.jsonl is written either way
     project: str = "mlsys"
     entity: Optional[str] = None
-    mode: Optional[str] = None  # None = offline, unless WANDB_MODE or WANDB_API_KEY is set
+    mode: Optional[str] = None  # wandb: None = offline, unless WANDB_MODE or WANDB_API_KEY is set
     tags: list[str] = field(default_factory=list)
-    group: Optional[str] = None  # wandb group; a sweep's runs are grouped by the sweep dir when unset
+    group: Optional[str] = None  # wandb group / MLflow parent run; a sweep's runs are grouped by the sweep dir
+    store_dir: Optional[str] = None  # MLflow's local store goes in <store_dir>/mlruns (None = the run dir; a
+    # sweep's runs share the sweep dir's); MLFLOW_TRACKING_URI, when set, names a server or store instead
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Where metrics go: metrics.jsonl in the run dir (always; the source every later tool reads), wandb (offline
-unless the user asked otherwise, every file inside the run dir), and env.json. Only process 0 writes."""
+unless the user asked otherwise, every file inside the run dir) or MLflow (a file store in the run dir unless
+MLFLOW_TRACKING_URI says otherwise), and env.json. Only process 0 writes. A tracker that cannot be reached never
+costs a run (mlsys.trackers)."""
 
 import json
 import logging
@@ -14,8 +16,7 @@ from importlib import metadata
 
 import jax
 
-# wandb directories the user set before we started; the others are pointed into each run dir.
-_USER_WANDB_DIRS = {v for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR") if v in os.environ}
+from mlsys.trackers import MlflowRun, start_wandb
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "hydra-core", "omegaconf", "numpy",
             "wandb", "jaxtyping", "scikit-learn")
@@ -70,13 +71,15 @@ def environment(extra: dict | None = None) -> dict:
 
 class Tracker:
     def __init__(self, run_dir: str, logger_cfg, config: dict, enabled: bool = True):
-        self.run_dir, self.enabled, self.wandb_run = run_dir, enabled, None
+        self.run_dir, self.enabled, self.wandb_run, self.mlflow_run = run_dir, enabled, None, None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if logger_cfg.name == "wandb":
-            self.wandb_run = _start_wandb(run_dir, logger_cfg, config)
+            self.wandb_run = start_wandb(run_dir, logger_cfg, config)
+        if logger_cfg.name == "mlflow":
+            self.mlflow_run = MlflowRun(run_dir, logger_cfg, config, logger_cfg.store_dir)
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
@@ -85,6 +88,8 @@ class Tracker:
         self.file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({f"{split}/{k}": float(v) for k, v in metrics.items()}, step=int(step))
+        if self.mlflow_run is not None:
+            self.mlflow_run.log(step, split, metrics)
 
     def write_json(self, name: str, obj: dict) -> None:
         if self.enabled:
@@ -103,25 +108,13 @@ class Tracker:
                                                os.path.join(self.run_dir, "git.diff"))
         self.write_json("env.json", env)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         if not self.enabled:
             return
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def _start_wandb(run_dir: str, cfg, config: dict):
-    import wandb
-
-    # Offline unless the user chose otherwise; never a network attempt by default, every file in the run dir.
-    mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    home = os.path.join(run_dir, "wandb")
-    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
-        if var not in _USER_WANDB_DIRS:
-            os.environ[var] = os.path.join(home, sub)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.project, entity=cfg.entity, mode=mode, dir=run_dir, config=config,
-                      name=os.path.basename(run_dir), tags=list(cfg.tags), group=cfg.group,
-                      reinit="finish_previous",
-                      settings=wandb.Settings(console="off", x_disable_stats=True))
+        if self.mlflow_run is not None:
+            for name in ("config.yaml", "env.json"):
+                self.mlflow_run.artifact(os.path.join(self.run_dir, name))
+            self.mlflow_run.close(ok)

@@ -13,7 +13,7 @@ from mlsys.models.gpt import ATTENTION, POS_EMBS, REMAT
 from mlsys.optim import DECAYS, OPTIMIZERS
 from mlsys.parallel import check_rules, data_parallel_size, resolve_shape
 
-LOGGERS = ("wandb", "jsonl")
+LOGGERS = ("wandb", "mlflow", "jsonl")
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:

@@ -31,7 +31,7 @@ CATALOGUE = [
     ([MLP, "optim.decay=exp"], "optim.decay='exp': must be one of ['cosine', 'linear', 'constant']"),
     ([MLP, "trainer.step=pmap"], "trainer.step='pmap': must be one of ['jit', 'shard_map']"),
     ([MLP, "trainer.on_nan=ignore"], "trainer.on_nan='ignore': must be one of ['stop', 'skip']"),
-    ([MLP, "logger.name=tensorboard"], "logger.name='tensorboard': must be one of ['wandb', 'jsonl']"),
+    ([MLP, "logger.name=tensorboard"], "logger.name='tensorboard': must be one of ['wandb', 'mlflow', 'jsonl']"),
     ([MLP, "model.activation=swish"], "model.activation='swish': must be one of"),
     ([MLP, "model.dtype=float8"], "model.dtype='float8': must be one of ['float32', 'bfloat16', 'float16']"),
     ([CNN, "model.pool=min"], "model.pool='min': must be one of ['max', 'avg']"),

@@ -15,6 +15,7 @@ from mlsys.export.manifest import verify, write_signed
 from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
 from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
+from mlsys.trackers import mlflow_attach
 
 FORMATS = ("onnx", "torch")
 MIRRORED = ("mlp", "cnn", "gpt")
@@ -92,6 +93,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
+    mlflow_attach(run.run_dir, os.path.join(out, "manifest.json"))  # a run tracked in MLflow gets its manifest
     return out
 
 

@@ -172,7 +172,7 @@ def train(cfg: Config, run_dir: str) -> dict:
                 if step < t.steps:
                     batch = next(train_iter)
     except BaseException:
-        tracker.close()
+        tracker.close(ok=False)
         raise
     finally:
         bar.close()
