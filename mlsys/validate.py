@@ -169,8 +169,8 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     check_objective(cfg.sweep, d)
 
 
-SPLIT_METRICS = {"val": ("loss", "accuracy"), "test": ("loss", "accuracy"),
-                 "train": ("loss", "accuracy", "grad_norm", "lr", "step_time_ms", "examples_per_s", "tokens_per_s",
+SPLIT_METRICS = {"val": ("loss", "accuracy", "bits_per_byte"), "test": ("loss", "accuracy", "bits_per_byte"),
+                 "train": ("loss", "accuracy", "bits_per_byte", "grad_norm", "lr", "step_time_ms", "examples_per_s", "tokens_per_s",
                            "mfu")}
 
 

@@ -52,15 +52,29 @@ def first(table: Array, n, axis: int = 0) -> Array:
     return jax.lax.slice_in_dim(table, 0, n, axis=axis)
 
 
-def rope(x: Float[Array, "B T H D"], base: float, max_len: int) -> Float[Array, "B T H D"]:
-    """Rotary position embedding (rotate-half form) applied to queries or keys."""
+def rope(x: Float[Array, "B T H D"], base: float, max_len: int,
+         positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T H D"]:
+    """Rotary position embedding (rotate-half form) applied to queries or keys; `positions` (packed documents:
+    each restarts at 0) default to 0..T-1."""
     t, d = x.shape[1], x.shape[-1]
     inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    # The table is built for max_len positions and sliced: T may be symbolic (ONNX export), arange(T) could not be.
-    angles = (jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :])[:t]  # T, D/2
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    if positions is not None:
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # B, T, D/2
+        cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    else:
+        # The table is built for max_len positions and sliced: T may be symbolic (ONNX export), arange(T) could not.
+        angles = (jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :])[:t]  # T, D/2
+        cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def segment_mask(segment_ids: Int[Array, "B T"]) -> Array:
+    """Causal attention restricted to one packed document: query i sees key j iff j <= i and both carry the same
+    segment id (padding, id 0, sees only padding; its outputs are masked out of the loss). Shape B 1 T T."""
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & jnp.tril(jnp.ones((t, t), bool))[None])[:, None]
 
 
 class Attention(nnx.Module):
@@ -82,15 +96,19 @@ class Attention(nnx.Module):
         if explicit_mask is not None:
             self.explicit_mask = explicit_mask
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
+                 positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head)
         qkv = constrain(qkv, ("batch", "seq", None, "heads", None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.pos_emb == "rope":
-            q, k = rope(q, self.rope_base, self.max_len), rope(k, self.rope_base, self.max_len)
+            q, k = (rope(q, self.rope_base, self.max_len, positions),
+                    rope(k, self.rope_base, self.max_len, positions))
         # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
-        if self.explicit_mask:  # ONNX export: is_causal needs a static T, a mask table sliced to T does not
+        if segment_ids is not None:  # packed documents: attention never crosses a document boundary
+            y = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids))
+        elif self.explicit_mask:  # ONNX export: is_causal needs a static T, a mask table sliced to T does not
             mask = first(first(jnp.tril(jnp.ones((self.max_len, self.max_len), bool)), t), t, axis=1)[None, None]
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
@@ -122,8 +140,9 @@ class Block(nnx.Module):
                                   rngs=rngs)
         self.mlp = MLPBlock(cfg, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        x = x + self.attn(self.ln_1(x))
+    def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
+                 positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
+        x = x + self.attn(self.ln_1(x), segment_ids, positions)
         return constrain(x + self.mlp(self.ln_2(x)), ("batch", "seq", "embed"))
 
 
@@ -148,13 +167,21 @@ class GPT(nnx.Module):
             cfg.d_model, vocab, use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs,
             kernel_init=dense_init(("embed", "vocab"), 0.02)))
 
-    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+    def __call__(self, tokens: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None = None,
+                 positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+        """Logits for every position. With packed documents (data.packing=segments) `segment_ids` restrict
+        attention to each document and `positions` restart at 0 in each; both None: one causal sequence."""
         x = self.wte(tokens)
-        if self.wpe is not None:
+        if self.wpe is not None and positions is not None:
+            x = x + self.wpe(positions)
+        elif self.wpe is not None:
             x = x + first(self.wpe.embedding[...], tokens.shape[1]).astype(x.dtype)[None]  # T may be symbolic
         x = constrain(self.dropout(x), ("batch", "seq", "embed"))
         for block in self.blocks:
-            x = nnx.remat(_run_block, policy=self.remat_policy)(block, x) if self.remat else block(x)
+            if self.remat:
+                x = nnx.remat(_run_block, policy=self.remat_policy)(block, x, segment_ids, positions)
+            else:
+                x = block(x, segment_ids, positions)
         x = self.ln_f(x)
         logits = (self.wte.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
         if logits.shape[-1] > self.vocab:  # padded entries are never predicted
@@ -162,8 +189,8 @@ class GPT(nnx.Module):
         return constrain(logits, ("batch", "seq", "vocab"))
 
 
-def _run_block(block: Block, x):
-    return block(x)
+def _run_block(block: Block, x, segment_ids=None, positions=None):
+    return block(x, segment_ids, positions)
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:

@@ -28,7 +28,8 @@ log = logging.getLogger("mlsys")
 
 
 def evaluate(eval_fn, state, split, cfg: Config, put) -> dict:
-    """Mean loss and accuracy over a split (all of it, or data.eval_batches fixed batches)."""
+    """Mean loss (per token for language models), accuracy and, where the data records the bytes each example
+    covers, bits per byte over a split (all of it, or data.eval_batches fixed batches)."""
     d = cfg.data
     totals = None
     for batch in data.eval_batches(split, d.eval_batch_size or d.batch_size, d.eval_batches, seed=cfg.seed,
@@ -36,7 +37,10 @@ def evaluate(eval_fn, state, split, cfg: Config, put) -> dict:
         out = eval_fn(state.params, state.rest, put(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["accuracy"] / totals["count"]}
+    out = {"loss": totals["loss"] / totals["count"], "accuracy": totals["accuracy"] / totals["count"]}
+    if "bytes" in totals:  # language models: total nats / (ln 2 x the bytes of text the targets cover)
+        out["bits_per_byte"] = float(totals["loss"] / (np.log(2) * max(totals["bytes"], 1)))
+    return out
 
 
 def train(cfg: Config, run_dir: str) -> dict:

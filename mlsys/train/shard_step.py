@@ -21,7 +21,7 @@ from mlsys.errors import ConfigError
 from mlsys.models.lora import Frozen
 from mlsys.parallel import activation_sharding
 from mlsys.train.state import TrainState
-from mlsys.train.step import is_key, loss_and_grads, skip_unless
+from mlsys.train.step import bits_per_byte, is_key, loss_and_grads, skip_unless
 
 MANUAL = ("data", "fsdp")
 
@@ -110,6 +110,8 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": jax.lax.pmean(loss, MANUAL), "accuracy": jax.lax.pmean(acc, MANUAL),
                    "grad_norm": grad_norm, "lr": lr_schedule(state.step)}
+        if "target_bytes" in batch:  # each shard's own, averaged (the jit step divides global sums)
+            metrics["bits_per_byte"] = jax.lax.pmean(bits_per_byte(loss, batch), MANUAL)
         new = state.replace(step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state)
         if on_nan == "skip":  # loss and norm are reduced over every shard: all shards skip together
             new = skip_unless(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm), new, state)

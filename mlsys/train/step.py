@@ -16,9 +16,30 @@ def cross_entropy(logits: Float[Array, "B *T C"], targets: Int[Array, "B *T"]):
     return loss, (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
+PACKING_KEYS = ("segment_ids", "positions")  # packed language-model batches (mlsys/data/packing.py)
+
+
+def forward(model: nnx.Module, batch: dict):
+    """Per-example (or per-token) loss, correctness and weights. A packed batch (data.packing=segments) passes its
+    segment ids and positions to the model, and its padding (segment id 0) gets weight 0."""
+    extra = {k: batch[k] for k in PACKING_KEYS if k in batch}
+    loss, correct = cross_entropy(model(batch["inputs"], **extra), batch["targets"])
+    weight = (batch["segment_ids"] != 0).astype(jnp.float32) if "segment_ids" in batch else jnp.ones_like(loss)
+    return loss, correct, weight
+
+
 def loss_fn(model: nnx.Module, batch: dict):
-    loss, correct = cross_entropy(model(batch["inputs"]), batch["targets"])
-    return loss.mean(), correct.mean()
+    """Mean loss and accuracy over the real tokens (examples) of the batch."""
+    loss, correct, weight = forward(model, batch)
+    n = jnp.maximum(weight.sum(), 1.0)
+    return (loss * weight).sum() / n, (correct * weight).sum() / n
+
+
+def bits_per_byte(loss, batch: dict):
+    """Mean loss per token (nats) → bits per UTF-8 byte of the text the batch's targets cover: independent of the
+    tokenizer, so runs with different tokenizers compare. Needs the batch's `target_bytes`."""
+    n = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else batch["targets"].size
+    return loss * n / (jnp.log(2.0) * jnp.maximum(batch["target_bytes"].sum(), 1))
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -80,6 +101,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
                    "lr": lr_schedule(state.step)}
+        if "target_bytes" in batch:
+            metrics["bits_per_byte"] = bits_per_byte(loss, batch)
         new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
         if on_nan == "skip":  # the host tells skipped steps by the same test on the fetched metrics
             new = skip_unless(jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]), new, state)
@@ -91,9 +114,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
 def make_eval_step(graphdef: nnx.GraphDef):
     def eval_step(params, rest, batch: dict) -> dict:
         """Sums over the real (mask = 1) rows; the caller divides by the count."""
-        loss, correct = cross_entropy(nnx.merge(graphdef, params, rest)(batch["inputs"]), batch["targets"])
+        loss, correct, weight = forward(nnx.merge(graphdef, params, rest), batch)
         mask = batch["mask"].reshape(batch["mask"].shape + (1,) * (loss.ndim - 1))
-        mask = jnp.broadcast_to(mask, loss.shape)
-        return {"loss": (loss * mask).sum(), "accuracy": (correct * mask).sum(), "count": mask.sum()}
+        mask = jnp.broadcast_to(mask, loss.shape) * weight
+        sums = {"loss": (loss * mask).sum(), "accuracy": (correct * mask).sum(), "count": mask.sum()}
+        if "target_bytes" in batch:  # language models: UTF-8 bytes of the text the targets cover (bits per byte)
+            sums["bytes"] = (batch["target_bytes"] * batch["mask"]).sum()
+        return sums
 
     return eval_step
