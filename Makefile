@@ -15,7 +15,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,bench,export,serve,track]" -c constraints.txt
+	$(PY) -m pip install -q -e ".[dev,bench,export,serve,track,sweep]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,9 @@
-"""What makes a sweep resumable: two OmegaConf resolvers used by conf/config.yaml and conf/sweep/*.yaml.
+"""What makes a sweep's job dirs resumable: the `mlsys.job_dir` resolver used by conf/config.yaml.
 
-Hydra numbers a sweep's jobs from 0 in every invocation, and the Optuna sweeper runs `n_trials` new trials every
-time it starts. Running the same sweep command again after an interruption would therefore overwrite the first run
-dirs and run the whole budget again. With these resolvers a rerun appends: job dirs continue after the ones already
-in the sweep dir, and an Optuna study stored in the sweep dir runs only the trials it still lacks.
+Hydra numbers a sweep's jobs from 0 in every invocation, so running the same sweep command again after an
+interruption would overwrite the first run dirs. With this resolver a rerun appends: job dirs continue after the ones
+already in the sweep dir. (A Bayesian study resumes on its own: hydra_plugins/mlsys_optuna runs only the trials the
+study stored in the sweep dir still lacks.)
 """
 
 import os
@@ -23,31 +23,6 @@ def job_dir(sweep_dir: str, job_num: int) -> str:
     return str(_OFFSETS[key] + int(job_num))
 
 
-def trials_left(storage: str, study_name: str, total: int) -> int:
-    """`total` minus the trials the stored study has already finished."""
-    return max(0, int(total) - trials_done(storage, study_name))
-
-
-def trials_done(storage: str, study_name: str) -> int:
-    """Trials the stored study has finished (complete, pruned or failed); 0 for a new study. A trial that was
-    running when the sweep was interrupted is not counted: it runs again. Also the sampler's seed, so that a resumed
-    sweep draws new points instead of replaying the first ones."""
-    import optuna
-
-    if storage.startswith("sqlite:///"):
-        # Optuna opens the database before Hydra creates the sweep dir.
-        os.makedirs(os.path.dirname(os.path.abspath(storage[len("sqlite:///"):])), exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:  # no such study yet: a fresh sweep
-        return 0
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done))
-
-
 def register_resolvers() -> None:
-    for name, fn in (("mlsys.job_dir", job_dir), ("mlsys.trials_left", trials_left),
-                     ("mlsys.trials_done", trials_done)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("mlsys.job_dir"):
+        OmegaConf.register_new_resolver("mlsys.job_dir", job_dir)

@@ -26,8 +26,8 @@ def preset_of(sweep: str) -> str:
     return {"digits_optuna": "digits_mlp"}.get(sweep, sweep.removesuffix("_optuna"))
 
 
-def cli(cwd, *args, module="experiments.run", check=True, **kw):
-    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
+def cli(cwd, *args, module="experiments.run", check=True, env=None, **kw):
+    env = env or {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
     p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=300, **kw)
     if check:
@@ -92,6 +92,49 @@ def test_optuna_sweep_resumes_where_it_stopped(tmp_path):
     assert len(set(lrs)) == 4
     cli(tmp_path, *args, "sweep.trials=4")  # nothing left to do
     assert len(study(sweep_dir).trials) == 5
+
+
+def test_search_space_from_hydra_override_syntax():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.mlsys_optuna._study import search_space
+
+    space, fixed = search_space(
+        {"model.act": "choice(relu, gelu)", "optim.lr": "tag(log, interval(1e-4, 1e-2))",
+         "optim.warmup_steps": "int(interval(20, 200))", "trainer.steps": "range(10, 40, 10)",
+         "model.dropout": "interval(0, 0.5)", "seed": "3"},
+        ["+exp=digits_mlp", "model.dropout=0.1"])  # the command line's plain value wins over the search space
+    assert space == {"model.act": CategoricalDistribution(["relu", "gelu"]),
+                     "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+                     "optim.warmup_steps": IntDistribution(20, 200),
+                     "trainer.steps": IntDistribution(10, 30, step=10)}  # Hydra's range excludes its stop
+    assert fixed == ["seed=3", "+exp=digits_mlp", "model.dropout=0.1"]
+
+
+@pytest.mark.parametrize("case", ["no optuna", "bad sampler", "bad key"])
+def test_optuna_sweep_bad_input_fails_before_any_trial(tmp_path, case):
+    args = ["+exp=digits_mlp", "+sweep=digits_optuna", *TINY_MLP, "hydra.sweep.dir=sw"]
+    env = {}
+    if case == "no optuna":  # an install without the sweep extra
+        (tmp_path / "blocked").mkdir()
+        (tmp_path / "blocked" / "optuna.py").write_text("raise ModuleNotFoundError(\"No module named 'optuna'\")")
+        env = {"PYTHONPATH": f"{tmp_path / 'blocked'}{os.pathsep}{ROOT}"}
+    elif case == "bad sampler":
+        args.append("hydra.sweeper.sampler=cma")
+    else:  # a search space over a key the config lacks
+        (tmp_path / "conf" / "sweep").mkdir(parents=True)
+        (tmp_path / "conf" / "sweep" / "bad.yaml").write_text(
+            "# @package _global_\ndefaults: [optuna_base, _self_]\nhydra:\n  sweeper:\n    params:\n"
+            "      optim.lrr: interval(0.1, 0.2)\n")
+        args += ["+sweep=bad", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+        args.remove("+sweep=digits_optuna")
+    p = cli(tmp_path, *args, check=False, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, **env})
+    message = {"no optuna": "error: Bayesian sweeps (+sweep=...) need Optuna (No module named 'optuna'): "
+                            "pip install -e \".[sweep]\"",
+               "bad sampler": "error: hydra.sweeper.sampler='cma': must be one of ['tpe', 'random']",
+               "bad key": "Key 'lrr' not in 'OptimConfig'"}[case]
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "sw").exists() or not list((tmp_path / "sw").iterdir())
 
 
 def test_grid_sweep_groups_wandb_runs_and_reports(tmp_path):
