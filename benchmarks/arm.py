@@ -28,7 +28,7 @@ def mlsys_setup(size: Size, extra=()):
     from hydra import compose, initialize_config_dir
 
     from mlsys.config import register, to_typed
-    from mlsys.models import DataSpec
+    from mlsys.spec import DataSpec
     from mlsys.parallel import make_mesh
     from mlsys.train.build import build
 

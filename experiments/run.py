@@ -4,6 +4,7 @@ Returns the run's objective (sweep.objective, reduced by sweep.mode over what th
 every sweeper — a multirun grid, Optuna — optimises the same number the report ranks runs by."""
 
 import os
+import sys
 import time
 
 import hydra
@@ -13,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mlsys.cli import friendly_errors, summary
-from mlsys.config import register, to_typed
+from mlsys.config import check_preset_model, register, to_typed
 from mlsys.report import run_objective
 from mlsys.train import train
 
@@ -40,4 +41,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # Before Hydra composes: a preset's model keys against another model group, in one line.
+    friendly_errors(check_preset_model)(sys.argv[1:], os.path.join(os.path.dirname(__file__), "..", "conf"))
     main()

@@ -92,8 +92,8 @@ def register() -> None:
     """Put every schema in Hydra's ConfigStore; conf/<group>/<option>.yaml files extend `<option>_schema`."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for name, (schema, _) in REGISTRY.items():
-        cs.store(group="model", name=f"{name}_schema", node=schema)
+    for name, family in REGISTRY.items():
+        cs.store(group="model", name=f"{name}_schema", node=family.config)
     for name, schema in DATA_CONFIGS.items():
         cs.store(group="data", name=f"{name}_schema", node=schema)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
@@ -124,7 +124,7 @@ def to_typed(cfg: DictConfig) -> Config:
     """The composed DictConfig as typed dataclass objects (lists and dicts as plain Python)."""
     _reject_unknown_keys(cfg)
     typed = OmegaConf.to_object(cfg)
-    if not isinstance(typed.model, tuple(s for s, _ in REGISTRY.values())):
+    if not isinstance(typed.model, tuple(f.config for f in REGISTRY.values())):
         raise ConfigError(f"model={typed.model!r} is not a known model config; select one with model=NAME, "
                           f"NAME in {sorted(REGISTRY)}")
     return typed
@@ -142,11 +142,74 @@ def load_saved(run_dir: str) -> Config:
     try:
         raw = OmegaConf.load(path)
         schema = OmegaConf.structured(Config)
-        schema.model = OmegaConf.structured(REGISTRY[raw.model.name][0])
+        schema.model = OmegaConf.structured(REGISTRY[raw.model.name].config)
         schema.data = OmegaConf.structured(DATA_CONFIGS[raw.data.name])
         return OmegaConf.to_object(OmegaConf.merge(schema, raw))
     except Exception as e:
         raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
+
+
+def check_preset_model(overrides: list[str], conf_dir: str) -> None:
+    """`+exp=NAME model=OTHER`: the preset's model keys are for its own model. Keys OTHER does not have would stop
+    Hydra's composition with a message about one of them; say instead, in one line, which keys of the preset do
+    not apply. The preset's other groups (data, optim, trainer) apply to any model."""
+    import os
+
+    choices = {}
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and key in ("exp", "model") and value and "," not in value and "(" not in value:
+            choices[key] = value
+    if set(choices) != {"exp", "model"}:
+        return
+    exp_file, model_file = (os.path.join(conf_dir, g, f"{choices[g]}.yaml") for g in ("exp", "model"))
+    if not (os.path.isfile(exp_file) and os.path.isfile(model_file)):
+        return  # Hydra names the missing option
+    raw = OmegaConf.load(exp_file)
+    preset = raw.get("model") or {}
+    schema = next((d[:-len("_schema")] for d in OmegaConf.load(model_file).get("defaults", [])
+                   if isinstance(d, str) and d.endswith("_schema")), None)
+    if schema not in REGISTRY:
+        return
+    config = REGISTRY[schema].config
+    known = {f.name for f in fields(config)}
+    foreign = [f"model.{k}" for k in preset if k not in known or not _merges(config, k, preset[k])]
+    if foreign:
+        raise ConfigError(f"+exp={choices['exp']} sets {', '.join(foreign)}, which model={choices['model']} does not "
+                          f"have in that form (its keys: {sorted(known)}); give the preset's other settings without "
+                          f"it: {' '.join(_as_overrides(raw))}")
+
+
+def _merges(config: type, key: str, value) -> bool:
+    try:
+        OmegaConf.merge(OmegaConf.structured(config), {key: value})
+        return True
+    except Exception:
+        return False
+
+
+def _as_overrides(preset: DictConfig) -> list[str]:
+    """A preset's group choices and keys, model keys aside, as command-line overrides."""
+    import json
+
+    out = []
+    for d in preset.get("defaults", []):
+        for key, value in (d.items() if OmegaConf.is_dict(d) else []):
+            group = key.replace("override", "").strip().lstrip("/")
+            if group != "model":
+                out.append(f"{group}={value}")
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if OmegaConf.is_dict(value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+
+    walk(OmegaConf.masked_copy(preset, [k for k in preset if k not in ("defaults", "model")]), "")
+    out += [f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else v}" for k, v in flat.items()]
+    return out
 
 
 # The checks live in mlsys/validate.py; imported here so that `from mlsys.config import validate` keeps working.

@@ -26,3 +26,13 @@ class Preempted(MlsysError):
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later (trainer.resume=auto continues)
+
+
+def check(ok: bool, key: str, value, fix: str) -> None:
+    """ConfigError "key=value: fix" unless `ok`: the form of every config check (mlsys.validate, model families)."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {fix}")
+
+
+def one_of(key: str, value, options) -> None:
+    check(value in options, key, value, f"must be one of {list(options)}")

@@ -5,24 +5,17 @@ value and a fix."""
 import math
 
 from mlsys.data.sources import CONFIGS as DATA_CONFIGS
-from mlsys.errors import ConfigError
+from mlsys.errors import check, one_of
 from mlsys.models import REGISTRY
-from mlsys.models.cnn import NORMS, POOLS
-from mlsys.models.common import ACTIVATIONS, DTYPES
-from mlsys.models.gpt import ATTENTION, POS_EMBS, REMAT
+from mlsys.models.common import DTYPES
 from mlsys.optim import DECAYS, OPTIMIZERS
 from mlsys.parallel import check_rules, data_parallel_size, resolve_shape
 
 LOGGERS = ("wandb", "mlflow", "jsonl")
 
 
-def _check(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {fix}")
-
-
-def _one_of(key: str, value, options) -> None:
-    _check(value in options, key, value, f"must be one of {list(options)}")
+_check, _one_of = check, one_of
+TASKS = {"lm": "language-modelling", "classify": "classification"}
 
 
 def data_task(data) -> str:
@@ -86,63 +79,30 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     for key in ("val_fraction", "test_fraction"):
         if hasattr(d, key):
             _check(0 <= getattr(d, key) < 1, f"data.{key}", getattr(d, key), "must be in [0, 1)")
-    # model
-    _check(type(m) is REGISTRY.get(m.name, (None,))[0], "model.name", m.name,
+    # model: the family checks its own keys; what every family shares is checked here
+    family = REGISTRY.get(m.name)
+    _check(family is not None and type(m) is family.config, "model.name", m.name,
            f"does not match the selected model group; select the model with model=NAME, NAME in {sorted(REGISTRY)}")
     task = data_task(d)
-    if m.name in ("mlp", "cnn"):
-        _check(task == "classify", "model", m.name, f"classifies, but data={d.name} is a language-modelling "
-               f"task; use model=gpt")
-    if m.name == "gpt":
-        _check(task == "lm", "model", m.name, f"is a language model, but data={d.name} is a classification task; "
-               f"use model=mlp or model=cnn")
-    if m.name != "custom":
-        _one_of("model.dtype", m.dtype, DTYPES)
-        _one_of("model.param_dtype", m.param_dtype, DTYPES)
+    if family.task is not None and family.task != task:
+        fits = " or ".join(f"model={n}" for n, f in REGISTRY.items() if f.task == task)
+        what = {"lm": "is a language model", "classify": "classifies"}.get(family.task, f"is a {family.task} model")
+        _check(False, "model", m.name, f"{what}, but data={d.name} is a {TASKS.get(task, task)} task; use {fits}")
+    for key in ("dtype", "param_dtype"):
+        if hasattr(m, key):
+            _one_of(f"model.{key}", getattr(m, key), DTYPES)
+    if hasattr(m, "dropout"):
         _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
-    if m.name == "mlp":
-        _one_of("model.activation", m.activation, ACTIVATIONS)
-        _check(all(h > 0 for h in m.hidden), "model.hidden", m.hidden, "every width must be > 0")
-    if m.name == "cnn":
-        _one_of("model.norm", m.norm, NORMS)
-        _one_of("model.pool", m.pool, POOLS)
-        _check(len(m.channels) > 0 and all(c > 0 for c in m.channels), "model.channels", m.channels,
-               "must be a non-empty list of positive widths")
-        _check(d.name == "digits" or len(getattr(d, "input_shape", [0, 0, 0])) == 3, "model", "cnn",
-               "needs image inputs (H, W, C)")
-    if m.name == "gpt":
-        _one_of("model.pos_emb", m.pos_emb, POS_EMBS)
-        _check(m.n_layer > 0 and m.n_head > 0, "model.n_layer/n_head", (m.n_layer, m.n_head), "must be > 0")
-        _check(m.d_model % m.n_head == 0, "model.d_model", m.d_model,
-               f"must be divisible by model.n_head={m.n_head}")
-        _check(m.pos_emb != "rope" or (m.d_model // m.n_head) % 2 == 0, "model.pos_emb", m.pos_emb,
-               f"rope needs an even head size, d_model/n_head = {m.d_model // m.n_head}")
-        _check(d.seq_len <= m.block_size, "data.seq_len", d.seq_len,
-               f"is above the model's maximum model.block_size={m.block_size}; lower data.seq_len or raise "
-               f"model.block_size")
-        _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0 = the data's vocabulary)")
-        _one_of("model.attention", m.attention, ATTENTION)
-        _one_of("model.remat", m.remat, REMAT)
-        _check(m.vocab_multiple > 0, "model.vocab_multiple", m.vocab_multiple, "must be > 0 (1 = no padding)")
-        _check(m.d_model > 0 and m.d_ff >= 0, "model.d_model/d_ff", (m.d_model, m.d_ff),
-               "need d_model > 0 and d_ff >= 0 (0 = 4 x d_model)")
-        _check(m.attention != "cudnn" or platform == "gpu", "model.attention", m.attention,
-               f"needs an NVIDIA GPU, but the devices are {platform}; use model.attention=auto or xla")
-    if m.name == "custom":
-        _check(m.target not in ("", "???"), "model.target", m.target, "name your class, e.g. "
-               "model.target=my_pkg.nets:TinyNet")
+    if family.check is not None:
+        family.check(m, d, platform)
     # mesh: fits the devices, and the batch splits evenly across processes and data-parallel devices
     check_rules(cfg.mesh)
     shape = resolve_shape(cfg.mesh, n_devices)
     dp = data_parallel_size(shape, cfg.mesh.act_rules)
     tp = shape["tensor"]
     if tp > 1:  # tensor parallelism splits heads and hidden widths: they must divide evenly
-        widths = {"mlp": ("model.hidden", m.hidden)} if m.name == "mlp" else {}
-        if m.name == "gpt":
-            widths = {"heads": ("model.n_head", [m.n_head]), "mlp": ("model.d_ff", [m.d_ff or 4 * m.d_model])}
-        if m.name == "cnn":
-            widths = {"mlp": ("model.channels/hidden", [*m.channels, m.hidden])}
-        for key, values in widths.values():
+        widths = family.tensor_widths(m) if family.tensor_widths else {}
+        for key, values in widths.items():
             _check(all(v % tp == 0 for v in values), key, values[0] if len(values) == 1 else values,
                    f"must be divisible by the tensor-parallel size {tp}; change it or mesh.shape.tensor")
     for key, b in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):

@@ -4,9 +4,10 @@ the record where there is one; through the command line, one line and exit code 
 import numpy as np
 import pytest
 
-from mlsys.data.checks import check_fits
 from mlsys.data.sources import ArraysConfig, TextConfig, load
 from mlsys.errors import DataError
+from mlsys.models import CNNConfig, MLPConfig
+from mlsys.models.family import check_fits
 from tests.test_cli import FAST, run_cli
 
 
@@ -81,8 +82,8 @@ def test_records_that_do_not_fit_the_model(tmp_path):
     np.savez(tmp_path / "x.npz", **good())
     cfg = ArraysConfig(path=str(tmp_path / "x.npz"))
     with pytest.raises(DataError, match=r"model=cnn needs image records \(H, W, C\), but each record has shape \(8,\)"):
-        check_fits("cnn", load(cfg, 0).spec, cfg)
-    check_fits("mlp", load(cfg, 0).spec, cfg)  # an MLP flattens any record
+        check_fits(CNNConfig(), load(cfg, 0).spec, cfg)
+    check_fits(MLPConfig(), load(cfg, 0).spec, cfg)  # an MLP flattens any record
 
 
 TEXT = [

@@ -12,7 +12,8 @@ from flax import nnx
 
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.export.restore import load_run
-from mlsys.models import DataSpec, GPTConfig, MLPConfig, build_model
+from mlsys.models import GPTConfig, MLPConfig, build_model
+from mlsys.spec import DataSpec
 from mlsys.models.lora import Frozen, LoRAConfig, LoRALinear, add_lora, count, merge_lora
 
 SPEC = DataSpec("lm", (16,), "int32", 65)

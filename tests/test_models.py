@@ -6,7 +6,8 @@ import optax
 import pytest
 from flax import nnx
 
-from mlsys.models import CNN, GPT, MLP, CNNConfig, DataSpec, GPTConfig, MLPConfig, build_model, import_target
+from mlsys.models import CNN, GPT, MLP, CNNConfig, GPTConfig, MLPConfig, build_model, import_target
+from mlsys.spec import DataSpec
 from mlsys.errors import ConfigError
 from mlsys.models import CustomConfig
 

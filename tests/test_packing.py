@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mlsys.data.packing import ConcatSource, SegmentSource, first_fit, pieces
-from mlsys.models.common import DataSpec
+from mlsys.spec import DataSpec
 from mlsys.models.gpt import GPT, GPTConfig
 from mlsys.train.step import cross_entropy, loss_fn
 

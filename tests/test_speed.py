@@ -14,7 +14,8 @@ from flax import nnx
 
 from mlsys.config import validate
 from mlsys.errors import ConfigError
-from mlsys.models import GPT, DataSpec, GPTConfig
+from mlsys.models import GPT, GPTConfig
+from mlsys.spec import DataSpec
 from tests.conftest import ROOT, typed_cfg
 from tests.test_mesh import GPT as GPT_ARGS
 from tests.test_mesh import MLP as MLP_ARGS

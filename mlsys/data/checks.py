@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from mlsys.errors import DataError
+from mlsys.errors import ConfigError, DataError
 
 log = logging.getLogger("mlsys")
 READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)  # what numpy raises for a bad file
@@ -62,9 +62,16 @@ def read_npz(cfg) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def check_fits(model_name: str, spec, data_cfg) -> None:
-    """What the config checks cannot know before the file is read: the records' shape against the model."""
-    if model_name == "cnn" and len(spec.input_shape) != 3:
-        raise DataError(f"data.path={getattr(data_cfg, 'path', data_cfg.name)!r}: model=cnn needs image records "
-                        f"(H, W, C), but each record has shape {spec.input_shape}; reshape the inputs to "
-                        f"(N, H, W, C) or use model=mlp")
+
+def check_batches(splits: dict, cfg) -> None:
+    """Batches the splits can fill, known once the data is read: a training batch larger than the training split
+    never completes (the pipeline drops the incomplete batch of every epoch and would spin on empty epochs); an
+    evaluation batch chosen larger than a held-out split is almost all padding."""
+    n = len(splits["train"])
+    if cfg.batch_size > n:
+        raise ConfigError(f"data.batch_size={cfg.batch_size}: larger than the training split of data={cfg.name} "
+                          f"({n} examples); use at most {n}")
+    for name in ("val", "test"):
+        if cfg.eval_batch_size and name in splits and cfg.eval_batch_size > len(splits[name]):
+            raise ConfigError(f"data.eval_batch_size={cfg.eval_batch_size}: larger than the {name} split of "
+                              f"data={cfg.name} ({len(splits[name])} examples); use at most {len(splits[name])}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from mlsys.data.checks import read_npz
 from mlsys.errors import DataError
-from mlsys.models.common import DataSpec
+from mlsys.spec import DataSpec
 
 SHIPPED_CORPUS = "tinyshakespeare.txt"  # in mlsys/assets, public domain
 

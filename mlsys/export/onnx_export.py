@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mlsys.errors import MlsysError  # noqa: E402
-from mlsys.models import DataSpec  # noqa: E402
+from mlsys.spec import DataSpec  # noqa: E402
 
 
 class ExportError(MlsysError):

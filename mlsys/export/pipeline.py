@@ -15,10 +15,10 @@ from mlsys.export.manifest import verify, write_signed
 from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
 from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
+from mlsys.models import REGISTRY, family_of
 from mlsys.trackers import mlflow_attach
 
 FORMATS = ("onnx", "torch")
-MIRRORED = ("mlp", "cnn", "gpt")
 
 
 def held_out(run: LoadedRun, n: int = 64) -> np.ndarray:
@@ -47,7 +47,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: only int8 is supported")
     run = load_run(run_dir, step)
-    family, spec = run.cfg.model.name, run.dataset.spec
+    family, spec = family_of(run.cfg.model), run.dataset.spec
     out = os.path.abspath(out or os.path.join(run.run_dir, "export", f"step_{run.step}"))
     tmp = out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,7 +56,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
         x = held_out(run)
         want = np.asarray(run.model(jax.numpy.asarray(x)))
         manifest = {
-            "family": family, "model_config": asdict(run.cfg.model), "data": run.cfg.data.name,
+            "family": family.name, "model_config": asdict(run.cfg.model), "data": run.cfg.data.name,
             "preprocessing": preprocessing(run), "source": {
                 "run_dir": run.run_dir, "step": run.step, "experiment": run.cfg.name,
                 "git": run.env.get("git"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
@@ -64,7 +64,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
         }
         if run.cfg.lora.rank:
             manifest["lora"] = {**asdict(run.cfg.lora), "merged": True, "init_from": run.cfg.trainer.init_from}
-        max_len = getattr(run.cfg.model, "block_size", None)
+        max_len = family.max_len(run.cfg.model)
         if "onnx" in formats:
             manifest["onnx"] = to_onnx(run.model, spec, os.path.join(tmp, "model.onnx"), max_len)
             fp32 = ort_session(os.path.join(tmp, "model.onnx"))
@@ -74,16 +74,17 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                 manifest["int8"] = int8(run, tmp, fp32)
                 manifest["formats"].append("onnx-int8")
         if "torch" in formats:
-            if family in MIRRORED:
+            if "torch" in family.mirrors:
                 from mlsys.export.torch_export import export_torch
 
-                manifest["torch"] = export_torch(run, tmp, x, want, tol)
+                manifest["torch"] = export_torch(run, family, tmp, x, want, tol)
                 manifest["parity"]["torch_max_abs_diff"] = manifest["torch"].pop("max_abs_diff")
                 manifest["formats"].append("torch")
             else:
                 manifest["torch"] = None
-                print(f"note: model {run.cfg.model.target} is not a built-in family: only ONNX is available "
-                      f"(the PyTorch mirror exists for {', '.join(MIRRORED)})")
+                mirrored = [n for n, f in REGISTRY.items() if "torch" in f.mirrors]
+                print(f"note: model={family.name} has no PyTorch mirror: only ONNX is available (the PyTorch mirror "
+                      f"exists for {', '.join(mirrored)})")
         manifest["reference_stats"] = write_reference(run, tmp)
         write_signed(tmp, manifest)
         verify(tmp)
@@ -100,7 +101,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
 def preprocessing(run: LoadedRun) -> dict:
     meta = run.dataset.meta
     if "vocab" in meta:
-        return {"kind": "tokens", "vocab": meta["vocab"], "max_length": getattr(run.cfg.model, "block_size", None)}
+        return {"kind": "tokens", "vocab": meta["vocab"], "max_length": family_of(run.cfg.model).max_len(run.cfg.model)}
     return {"kind": "array", "input_shape": list(run.dataset.spec.input_shape), "dtype": "float32",
             "normalization": meta.get("normalization", "none")}
 

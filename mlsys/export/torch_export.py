@@ -8,27 +8,27 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from mlsys.export import torch_mirror
 from mlsys.export.onnx_export import ExportError
 
 
-def export_torch(run, folder: str, x: np.ndarray, want: np.ndarray, tol: float) -> dict:
+def export_torch(run, family, folder: str, x: np.ndarray, want: np.ndarray, tol: float) -> dict:
+    """The torch mirror of `family` (mlsys.models.Family.mirrors["torch"]) loaded with the run's weights."""
     from dataclasses import asdict
 
-    family, cfg, spec = run.cfg.model.name, asdict(run.cfg.model), run.dataset.spec
-    sd = torch_mirror.state_dict(family, nnx.to_pure_dict(nnx.state(run.model)))
+    mirror, cfg, spec = family.mirror("torch"), asdict(run.cfg.model), run.dataset.spec
+    sd = mirror.state_dict(nnx.to_pure_dict(nnx.state(run.model)))
     save_file(sd, os.path.join(folder, "model.safetensors"))
-    module = torch_mirror.build(family, cfg, spec).eval()
+    module = mirror.build(cfg, spec).eval()
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     example = torch.from_numpy(x[:2].astype(np.int64 if spec.task == "lm" else np.float32))
     batch = torch.export.Dim("B", min=1, max=4096)
     dims = {0: batch}
     if spec.task == "lm":
-        dims[1] = torch.export.Dim("T", min=2, max=cfg["block_size"])
+        dims[1] = torch.export.Dim("T", min=2, max=family.max_len(run.cfg.model) or spec.input_shape[0])
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=({**dims},))
     except Exception as e:
-        raise ExportError(f"torch.export failed for the {family} mirror: {type(e).__name__}: "
+        raise ExportError(f"torch.export failed for the {family.name} mirror: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}") from None
     torch.export.save(program, os.path.join(folder, "model.pt2"))
     with torch.no_grad():

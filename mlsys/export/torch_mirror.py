@@ -1,8 +1,10 @@
 """PyTorch mirrors of the built-in families (MLP, CNN, GPT): the same computation, written for torch, loaded from
-the trained parameters. Inputs keep mlsys's layout (images NHWC, tokens (B, T)), so one preprocessing serves JAX,
-ONNX and torch. Flax kernels are (in, out), torch weights (out, in): weight = kernel.T."""
+the trained parameters; each family names its mirror (MLP_MIRROR, ...) in its Family.mirrors["torch"]. Inputs keep
+mlsys's layout (images NHWC, tokens (B, T)), so one preprocessing serves JAX, ONNX and torch.
+Flax kernels are (in, out), torch weights (out, in): weight = kernel.T."""
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -123,46 +125,61 @@ def _norm(sd: dict, prefix: str, p: dict) -> None:
         sd[f"{prefix}.bias"] = np.asarray(p["bias"])
 
 
-def state_dict(family: str, p: dict) -> dict:
+def mlp_state_dict(p: dict) -> dict:
     """Flax parameters (a pure nested dict of nnx.state(model)) → the mirror's state_dict, as numpy arrays."""
     sd: dict = {}
-    if family == "mlp":
-        for i, layer in sorted(p["layers"].items()):
-            _linear(sd, f"layers.{i}", layer)
-        _linear(sd, "head", p["head"])
-    elif family == "cnn":
-        for i, conv in sorted(p["convs"].items()):
-            sd[f"convs.{i}.weight"] = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)  # HWIO → OIHW
-            sd[f"convs.{i}.bias"] = np.asarray(conv["bias"])
-        for i, norm in sorted(p["norms"].items()):
-            if norm:
-                _norm(sd, f"norms.{i}", norm)
-                if "mean" in norm:
-                    sd[f"norms.{i}.running_mean"] = np.asarray(norm["mean"])
-                    sd[f"norms.{i}.running_var"] = np.asarray(norm["var"])
-                    sd[f"norms.{i}.num_batches_tracked"] = np.asarray(0, np.int64)
-        _linear(sd, "fc", p["fc"])
-        _linear(sd, "head", p["head"])
-    else:
-        sd["wte.weight"] = np.asarray(p["wte"]["embedding"])
-        if p.get("wpe"):
-            sd["wpe.weight"] = np.asarray(p["wpe"]["embedding"])
-        for i, blk in sorted(p["blocks"].items()):
-            _norm(sd, f"blocks.{i}.ln_1", blk["ln_1"])
-            _norm(sd, f"blocks.{i}.ln_2", blk["ln_2"])
-            _linear(sd, f"blocks.{i}.qkv", blk["attn"]["qkv"])
-            _linear(sd, f"blocks.{i}.proj", blk["attn"]["proj"])
-            _linear(sd, f"blocks.{i}.fc", blk["mlp"]["fc"])
-            _linear(sd, f"blocks.{i}.fc_out", blk["mlp"]["proj"])
-        _norm(sd, "ln_f", p["ln_f"])
-        if p.get("lm_head"):
-            _linear(sd, "lm_head", p["lm_head"])
+    for i, layer in sorted(p["layers"].items()):
+        _linear(sd, f"layers.{i}", layer)
+    _linear(sd, "head", p["head"])
+    return _contiguous(sd)
+
+
+def cnn_state_dict(p: dict) -> dict:
+    sd: dict = {}
+    for i, conv in sorted(p["convs"].items()):
+        sd[f"convs.{i}.weight"] = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)  # HWIO → OIHW
+        sd[f"convs.{i}.bias"] = np.asarray(conv["bias"])
+    for i, norm in sorted(p["norms"].items()):
+        if norm:
+            _norm(sd, f"norms.{i}", norm)
+            if "mean" in norm:
+                sd[f"norms.{i}.running_mean"] = np.asarray(norm["mean"])
+                sd[f"norms.{i}.running_var"] = np.asarray(norm["var"])
+                sd[f"norms.{i}.num_batches_tracked"] = np.asarray(0, np.int64)
+    _linear(sd, "fc", p["fc"])
+    _linear(sd, "head", p["head"])
+    return _contiguous(sd)
+
+
+def gpt_state_dict(p: dict) -> dict:
+    sd: dict = {"wte.weight": np.asarray(p["wte"]["embedding"])}
+    if p.get("wpe"):
+        sd["wpe.weight"] = np.asarray(p["wpe"]["embedding"])
+    for i, blk in sorted(p["blocks"].items()):
+        _norm(sd, f"blocks.{i}.ln_1", blk["ln_1"])
+        _norm(sd, f"blocks.{i}.ln_2", blk["ln_2"])
+        _linear(sd, f"blocks.{i}.qkv", blk["attn"]["qkv"])
+        _linear(sd, f"blocks.{i}.proj", blk["attn"]["proj"])
+        _linear(sd, f"blocks.{i}.fc", blk["mlp"]["fc"])
+        _linear(sd, f"blocks.{i}.fc_out", blk["mlp"]["proj"])
+    _norm(sd, "ln_f", p["ln_f"])
+    if p.get("lm_head"):
+        _linear(sd, "lm_head", p["lm_head"])
+    return _contiguous(sd)
+
+
+def _contiguous(sd: dict) -> dict:
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
-def build(family: str, cfg: dict, spec) -> nn.Module:
-    if family == "mlp":
-        return MLP(cfg, int(np.prod(spec.input_shape)), spec.num_classes)
-    if family == "cnn":
-        return CNN(cfg, spec.input_shape, spec.num_classes)
-    return GPT(cfg, cfg["vocab_size"] or spec.num_classes)
+class Mirror(NamedTuple):
+    """A family's torch mirror, named in its Family.mirrors["torch"]: build(model config as a dict, data spec) →
+    torch module; state_dict(pure dict of the Flax state) → that module's state_dict."""
+
+    build: Callable[[dict, Any], nn.Module]
+    state_dict: Callable[[dict], dict]
+
+
+MLP_MIRROR = Mirror(lambda cfg, spec: MLP(cfg, int(np.prod(spec.input_shape)), spec.num_classes), mlp_state_dict)
+CNN_MIRROR = Mirror(lambda cfg, spec: CNN(cfg, spec.input_shape, spec.num_classes), cnn_state_dict)
+GPT_MIRROR = Mirror(lambda cfg, spec: GPT(cfg, cfg["vocab_size"] or spec.num_classes), gpt_state_dict)

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from mlsys.models.common import DataSpec, dense_init, dtype_of
+from mlsys.errors import check, one_of
+from mlsys.models.common import dense_init, dtype_of
+from mlsys.models.family import Family, register
+from mlsys.spec import DataSpec
 
 NORMS = ("batch", "layer", "none")
 POOLS = ("max", "avg")
@@ -65,3 +68,36 @@ class CNN(nnx.Module):
         x = x.reshape(x.shape[0], prod(x.shape[1:]))
         x = self.dropout(jax.nn.relu(self.fc(x)))
         return self.head(x).astype(jnp.float32)
+
+
+def check_config(cfg: CNNConfig, data_cfg, platform: str) -> None:
+    one_of("model.norm", cfg.norm, NORMS)
+    one_of("model.pool", cfg.pool, POOLS)
+    check(len(cfg.channels) > 0 and all(c > 0 for c in cfg.channels), "model.channels", cfg.channels,
+          "must be a non-empty list of positive widths")
+    check(len(getattr(data_cfg, "input_shape", [0, 0, 0])) == 3, "model", "cnn", "needs image inputs (H, W, C)")
+
+
+def fits(cfg: CNNConfig, spec: DataSpec) -> str | None:
+    if len(spec.input_shape) != 3:
+        return (f"model=cnn needs image records (H, W, C), but each record has shape {spec.input_shape}; reshape "
+                f"the inputs to (N, H, W, C) or use model=mlp")
+    return None
+
+
+def flops_per_example(cfg: CNNConfig, spec: DataSpec, n_params: int) -> float:
+    """3x the forward's multiply-adds (x2 FLOPs): each convolution's kernel is applied at every position of its
+    input, the dense layers once."""
+    h, w, c = spec.input_shape
+    macs = 0
+    for ch in cfg.channels:
+        macs += h * w * cfg.kernel_size**2 * c * ch
+        h, w, c = (h // 2, w // 2, ch) if h > 1 and w > 1 else (h, w, ch)
+    macs += h * w * c * cfg.hidden + cfg.hidden * spec.num_classes
+    return 6.0 * macs
+
+
+register(Family(name="cnn", config=CNNConfig, build=lambda cfg, spec, rngs: CNN(cfg, spec, rngs=rngs),
+                task="classify", flops_per_example=flops_per_example, check=check_config, fits=fits,
+                tensor_widths=lambda cfg: {"model.channels/hidden": [*cfg.channels, cfg.hidden]},
+                mirrors={"torch": "mlsys.export.torch_mirror:CNN_MIRROR"}))

@@ -1,6 +1,4 @@
-"""What every model family shares: the data spec it is built for, activations, dtypes, initialisers."""
-
-from dataclasses import dataclass
+"""What every model family shares: activations, dtypes, initialisers."""
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +8,6 @@ from flax import nnx
 # sharding, which would demand a mesh whose axes are the logical names, stays off: models can then be built
 # anywhere (tests, notebooks, export) with or without a mesh.
 nnx.use_eager_sharding(False)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about its data. Built by the data source, never by hand.
-
-    task: "classify" (targets: one class per example) or "lm" (targets: next token per position).
-    num_classes: output width (classes, or vocabulary size for "lm").
-    """
-
-    task: str
-    input_shape: tuple[int, ...]  # one example, without the batch dimension
-    input_dtype: str
-    num_classes: int
-
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

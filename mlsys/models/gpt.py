@@ -9,8 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from mlsys.models.common import DataSpec, dense_init, dtype_of
+from mlsys.errors import check, one_of
+from mlsys.models.common import dense_init, dtype_of
+from mlsys.models.family import Family, register
 from mlsys.parallel import constrain
+from mlsys.spec import DataSpec
 
 POS_EMBS = ("learned", "rope")
 ATTENTION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}  # jax.nn.dot_product_attention implementations
@@ -198,3 +201,33 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
     N without the position embeddings, plus 12·L·H·Q·T for attention (Q the head size, T the sequence length)."""
     n = n_params - (cfg.block_size * cfg.d_model if cfg.pos_emb == "learned" else 0)
     return float(6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * seq_len)
+
+
+def check_config(m: GPTConfig, d, platform: str) -> None:
+    one_of("model.pos_emb", m.pos_emb, POS_EMBS)
+    check(m.n_layer > 0 and m.n_head > 0, "model.n_layer/n_head", (m.n_layer, m.n_head), "must be > 0")
+    check(m.d_model % m.n_head == 0, "model.d_model", m.d_model, f"must be divisible by model.n_head={m.n_head}")
+    check(m.pos_emb != "rope" or (m.d_model // m.n_head) % 2 == 0, "model.pos_emb", m.pos_emb,
+          f"rope needs an even head size, d_model/n_head = {m.d_model // m.n_head}")
+    check(getattr(d, "seq_len", 0) <= m.block_size, "data.seq_len", getattr(d, "seq_len", 0),
+          f"is above the model's maximum model.block_size={m.block_size}; lower data.seq_len or raise "
+          f"model.block_size")
+    check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0 (0 = the data's vocabulary)")
+    one_of("model.attention", m.attention, ATTENTION)
+    one_of("model.remat", m.remat, REMAT)
+    check(m.vocab_multiple > 0, "model.vocab_multiple", m.vocab_multiple, "must be > 0 (1 = no padding)")
+    check(m.d_model > 0 and m.d_ff >= 0, "model.d_model/d_ff", (m.d_model, m.d_ff),
+          "need d_model > 0 and d_ff >= 0 (0 = 4 x d_model)")
+    check(m.attention != "cudnn" or platform == "gpu", "model.attention", m.attention,
+          f"needs an NVIDIA GPU, but the devices are {platform}; use model.attention=auto or xla")
+
+
+def flops_per_example(cfg: GPTConfig, spec: DataSpec, n_params: int) -> float:
+    seq_len = spec.input_shape[0]
+    return seq_len * flops_per_token(cfg, n_params, seq_len)
+
+
+register(Family(name="gpt", config=GPTConfig, build=lambda cfg, spec, rngs: GPT(cfg, spec, rngs=rngs),
+                task="lm", flops_per_example=flops_per_example, check=check_config, max_len=lambda cfg: cfg.block_size,
+                tensor_widths=lambda cfg: {"model.n_head": [cfg.n_head], "model.d_ff": [cfg.d_ff or 4 * cfg.d_model]},
+                mirrors={"torch": "mlsys.export.torch_mirror:GPT_MIRROR"}))

@@ -7,8 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from mlsys.models.common import ACTIVATIONS, DataSpec, dense_init, dtype_of
+from mlsys.errors import check, one_of
+from mlsys.models.common import ACTIVATIONS, dense_init, dtype_of
+from mlsys.models.family import Family, register
 from mlsys.parallel import constrain
+from mlsys.spec import DataSpec
 
 
 @dataclass
@@ -43,3 +46,20 @@ class MLP(nnx.Module):
         for layer, name in zip(self.layers, self.names[1:]):
             x = constrain(self.dropout(self.act(layer(x))), ("batch", name))
         return self.head(x).astype(jnp.float32)
+
+
+def check_config(cfg: MLPConfig, data_cfg, platform: str) -> None:
+    one_of("model.activation", cfg.activation, ACTIVATIONS)
+    check(all(h > 0 for h in cfg.hidden), "model.hidden", cfg.hidden, "every width must be > 0")
+
+
+def flops_per_example(cfg: MLPConfig, spec: DataSpec, n_params: int) -> float:
+    """6N: a multiply and an add per weight, forward, and twice that backward (every parameter is a matmul weight
+    used once per example, up to the biases)."""
+    return 6.0 * n_params
+
+
+register(Family(name="mlp", config=MLPConfig, build=lambda cfg, spec, rngs: MLP(cfg, spec, rngs=rngs),
+                task="classify", flops_per_example=flops_per_example, check=check_config,
+                tensor_widths=lambda cfg: {"model.hidden": list(cfg.hidden)},
+                mirrors={"torch": "mlsys.export.torch_mirror:MLP_MIRROR"}))

@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from mlsys import checkpoint, data, sample
 from mlsys.config import Config, validate
-from mlsys.data.checks import check_fits
+from mlsys.data.checks import check_batches
 from mlsys.errors import Preempted
-from mlsys.models.gpt import flops_per_token
-from mlsys.models import lora
+from mlsys.models import family_of, lora
+from mlsys.models.family import check_fits
 from mlsys.perf import enable_compile_cache, peak_tflops
 from mlsys.parallel import activation_sharding, bytes_per_device, init_distributed, make_mesh, shared_run_dir
 from mlsys.tracking import Tracker, environment
@@ -63,7 +63,8 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Data: grain pipeline, each process reading only its rows of every global batch.
     dataset = data.load(d, cfg.seed)
-    check_fits(cfg.model.name, dataset.spec, d)  # a user's file against the model: known only once it is read
+    check_fits(cfg.model, dataset.spec, d)  # a user's file against the model: known only once it is read
+    check_batches(dataset.splits, d)
     train_iter = data.train_iterator(dataset.splits["train"], d.batch_size, cfg.seed, jax.process_index(),
                                      jax.process_count())
 
@@ -73,10 +74,13 @@ def train(cfg: Config, run_dir: str) -> dict:
     # With LoRA only the adapters are nnx.Param (trained); the frozen weights count towards the model's size.
     n_trainable, n_params = lora.count(state.params, state.rest)
     per_device = bytes_per_device(state)
-    # Speed accounting: tokens per example, and for GPT models the FLOPs per token behind MFU.
-    tokens = d.seq_len if dataset.spec.task == "lm" else 0
-    flops_token = flops_per_token(cfg.model, n_params, d.seq_len) if cfg.model.name == "gpt" else 0.0
-    peak, peak_source = peak_tflops(jax.devices()[0].device_kind, t.peak_tflops) if flops_token else (0.0, None)
+    # Speed accounting: tokens per example, and the training FLOPs per example behind MFU (when the family
+    # declares them).
+    family = family_of(cfg.model)
+    tokens = dataset.spec.input_shape[0] if dataset.spec.task == "lm" else 0
+    flops_example = float(family.flops_per_example(cfg.model, dataset.spec, n_params)) \
+        if family.flops_per_example else 0.0
+    peak, peak_source = peak_tflops(jax.devices()[0].device_kind, t.peak_tflops) if flops_example else (0.0, None)
 
     def put(batch: dict) -> dict:  # this process's rows → one global array per field
         return {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()}
@@ -107,7 +111,8 @@ def train(cfg: Config, run_dir: str) -> dict:
     tracker.write_env(environment({
         "resumed_from": resume_dir, "start_step": start, "init_from": t.init_from, "n_params": n_params,
         "n_trainable": n_trainable, "trainable_fraction": n_trainable / n_params, "compile_seconds": compile_s,
-        "flops_per_token": flops_token, "peak_tflops_per_device": peak, "peak_source": peak_source,
+        "flops_per_example": flops_example, "flops_per_token": flops_example / tokens if tokens else None,
+        "peak_tflops_per_device": peak, "peak_source": peak_source,
         "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
     if is_main:
         data.save_meta(dataset, run_dir)
@@ -157,8 +162,8 @@ def train(cfg: Config, run_dir: str) -> dict:
                                 examples_per_s=d.batch_size * (step - ticked_at) / elapsed)
                     if tokens:
                         mean["tokens_per_s"] = mean["examples_per_s"] * tokens
-                    if flops_token:
-                        mean["mfu"] = mean["tokens_per_s"] * flops_token / (peak * 1e12 * mesh.size)
+                    if flops_example:
+                        mean["mfu"] = mean["examples_per_s"] * flops_example / (peak * 1e12 * mesh.size)
                     tracker.log(step, "train", mean)
                     bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.0f}")
                     bar.update(step - bar.n)
@@ -232,7 +237,7 @@ class PreemptionWatch:
 def draw_sample(eval_def, state, dataset, cfg: Config) -> str:
     vocab = dataset.meta["vocab"]
     prompt = sample.encode("\n", vocab) or [0]
-    block = getattr(cfg.model, "block_size", cfg.data.seq_len)
+    block = family_of(cfg.model).max_len(cfg.model) or cfg.data.seq_len
     tokens = sample.generate(eval_def, state.params, state.rest, jnp.asarray(prompt, jnp.int32),
                              jax.random.key(cfg.seed), length=cfg.trainer.sample_chars, block_size=block,
                              temperature=cfg.trainer.sample_temperature, top_k=cfg.trainer.sample_top_k)

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mlsys.models import DataSpec, build_model
+from mlsys.models import build_model
 from mlsys.models.lora import LoRAConfig, add_lora
 from mlsys.parallel import check_param_names, param_shardings
+from mlsys.spec import DataSpec
 
 
 class TrainState(struct.PyTreeNode):
