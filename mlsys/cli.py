@@ -45,6 +45,10 @@ def summary(name: str, steps: int, seconds: float, results: dict, run_dir: str) 
         if split in results:
             m = results[split]
             lines.append(f"  {split:<5}  loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}")
+    if "cost" in results:
+        from mlsys.cost import describe
+
+        lines.append(f"  cost   {describe(results['cost'])}")
     if "sample" in results:
         lines += ["  sample:", *("    " + s for s in results["sample"].splitlines())]
     lines.append(f"run dir: {os.path.relpath(run_dir)}")

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mlsys.cost import DEFAULT_TABLE as COST_TABLE
 from mlsys.data.sources import CONFIGS as DATA_CONFIGS
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models import REGISTRY
@@ -38,6 +39,10 @@ class TrainerConfig:
     max_nan_skips: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     spike_factor: float = 3.0  # log a loss_spike when a log step's loss exceeds this x the running mean; 0 = off
     init_from: Optional[str] = None  # a run dir whose latest checkpoint's weights start this run (fine-tuning)
+    # Cost (mlsys/cost.py): USD per device-hour; None = trainer.cost_table's price for the device kind
+    cost_per_device_hour: Optional[float] = None
+    spot: bool = False  # price from the table's spot column (preemptible VMs) instead of on-demand
+    cost_table: dict[str, list[float]] = field(default_factory=lambda: dict(COST_TABLE))  # kind: [on-demand, spot]
 
 
 @dataclass

@@ -22,6 +22,7 @@ class Run:
     rows: list
     config: dict  # flattened: "optim.lr" -> value
     overrides: list  # the command line's overrides (Hydra's .hydra/overrides.yaml), if Hydra launched the run
+    env: dict  # env.json (versions, devices, the data fingerprint, the cost), if the run wrote one
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -45,7 +46,9 @@ def find_runs(root: str) -> list[Run]:
             rows = [json.loads(line) for line in open(os.path.join(here, "metrics.jsonl")) if line.strip()]
             overrides_path = os.path.join(here, ".hydra", "overrides.yaml")
             overrides = yaml.safe_load(open(overrides_path)) or [] if os.path.isfile(overrides_path) else []
-            runs.append(Run(here, rows, config, [str(o) for o in overrides]))
+            env_path = os.path.join(here, "env.json")
+            env = json.load(open(env_path)) if os.path.isfile(env_path) else {}
+            runs.append(Run(here, rows, config, [str(o) for o in overrides], env))
     if not runs:
         raise MlsysError(f"{root!r} holds no runs (no metrics.jsonl below it); train one with experiments.run")
     return runs
@@ -95,16 +98,22 @@ def write_report(root: str, metric: str | None = None, mode: str | None = None, 
                                         (scores[r.path] or 0) * (-1 if mode == "max" else 1)))
     out = out or root
     os.makedirs(out, exist_ok=True)
-    header = ["rank", "run", metric, *swept, "overrides"]
-    table = [[i + 1, os.path.relpath(r.path, root) if r.path != root else ".",
-              scores[r.path], *[r.config.get(k) for k in swept], _other_overrides(r, swept)] for i, r in enumerate(order)]
+    header = ["rank", "run", metric, *swept, "data", "usd", "device_hours", "overrides"]
+    table = [[i + 1, os.path.relpath(r.path, root) if r.path != root else ".", scores[r.path],
+              *[r.config.get(k) for k in swept], (r.env.get("data") or {}).get("digest", "-")[:12],
+              _cost(r).get("total_usd"), _cost(r).get("total_device_hours"), _other_overrides(r, swept)]
+             for i, r in enumerate(order)]
     with open(os.path.join(out, "report.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *table])
-    lines = [f"# Report: {len(runs)} run(s) in {root}", "", f"Objective: the {mode} of {metric} over each run.", "",
+    lines = [f"# Report: {len(runs)} run(s) in {root}", "", f"Objective: the {mode} of {metric} over each run. "
+             f"`data`: the first 12 hex digits of each run's data fingerprint; `usd`, `device_hours`: what the run "
+             f"cost, restarts included (env.json; prices from trainer.cost_per_device_hour or trainer.cost_table).",
+             "",
              "| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row)
               + " |" for row in table]
-    plots = [_curves(runs, root, out)] + [_against(runs, scores, k, metric, out) for k in swept]
+    lines += ["", total_cost(runs)]
+    plots = [_curves(runs, root, out, swept)] + [_against(runs, scores, k, metric, out) for k in swept]
     lines += ["", *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p]]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -116,20 +125,75 @@ def _other_overrides(run: Run, swept: list) -> str:
     return " ".join(o for o in run.overrides if o.lstrip("+~").partition("=")[0] not in swept)
 
 
-def _curves(runs: list, root: str, out: str) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
+def _cost(run: Run) -> dict:
+    return run.env.get("cost") or {}
+
+
+def total_cost(runs: list) -> str:
+    """The runs' total: dollars and device-hours, each earlier segment of a resumed run counted once (a run that
+    continues another run of the report adds its own segment only), preemptions counted."""
+    here = {os.path.abspath(r.path) for r in runs}
+    usd, hours, unknown, preempted = 0.0, 0.0, 0, 0
     for r in runs:
-        pts = [(row["step"], row["loss"]) for row in r.rows if row.get("split") == "train" and "loss" in row]
-        if pts:
-            ax.plot(*zip(*pts), label=os.path.relpath(r.path, root) if r.path != root else "run")
-    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="training curves")
-    if len(runs) <= 12:
-        ax.legend(fontsize=7)
+        c = _cost(r)
+        prev = r.env.get("resumed_from")
+        whole = not prev or os.path.abspath(prev) not in here - {os.path.abspath(r.path)}
+        price = c.get("total_usd" if whole else "usd")
+        hours += c.get("total_device_hours" if whole else "device_hours") or 0.0
+        preempted += c.get("preemptions") or 0 if whole else int(bool(_cost_of(runs, prev).get("preempted")))
+        if price is None:
+            unknown += 1
+        else:
+            usd += price
+    text = f"Total: ${usd:.4g}" if unknown < len(runs) else "Total: cost unknown"
+    if unknown and unknown < len(runs):
+        text += f" ({unknown} run(s) without a price)"
+    return f"{text}, {hours:.4g} device-hours over {len(runs)} run(s), {preempted} preemption(s)."
+
+
+def _cost_of(runs: list, path: str | None) -> dict:
+    return next((_cost(r) for r in runs if path and os.path.abspath(r.path) == os.path.abspath(path)), {})
+
+
+def label(run: Run, root: str, swept: list) -> str:
+    """A run's name in a legend: its swept values (optim.lr=0.003), else its dir."""
+    if not swept:
+        return os.path.relpath(run.path, root) if run.path != root else "run"
+    tails = [k.rpartition(".")[2] for k in swept]  # "lr" for optim.lr, unless another swept key ends the same
+    names = [tail if tails.count(tail) == 1 else k for k, tail in zip(swept, tails)]
+    return ", ".join(f"{n}={_short(run.config.get(k))}" for n, k in zip(names, swept))
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _curves(runs: list, root: str, out: str, swept: list) -> str:
+    fig = curves_figure(runs, root, swept)
     path = os.path.join(out, "curves.png")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def curves_figure(runs: list, root: str, swept: list):
+    """Training loss (solid) and validation loss (dashed, same colour) of every run against the step, each run
+    named by its swept values; a split with a single logged point is drawn as a marker (a line needs two)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(runs):
+        colour = f"C{i % 10}"
+        for split, style, marker in (("train", "-", "o"), ("val", "--", "s")):
+            pts = [(row["step"], row["loss"]) for row in r.rows if row.get("split") == split and "loss" in row]
+            if not pts:
+                continue
+            name = label(r, root, swept) + ("" if split == "train" else " (val)")
+            ax.plot(*zip(*pts), linestyle=style, color=colour, label=name,
+                    marker=marker if len(pts) == 1 else None, markersize=6)
+    ax.set(xlabel="step", ylabel="loss (solid: train, dashed: val)", yscale="log", title="training curves")
+    if len(runs) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _against(runs: list, scores: dict, key: str, metric: str, out: str) -> str | None:

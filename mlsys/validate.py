@@ -49,6 +49,12 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     _check(t.max_nan_skips > 0, "trainer.max_nan_skips", t.max_nan_skips, "must be > 0, e.g. trainer.max_nan_skips=10")
     _check(t.spike_factor == 0 or t.spike_factor > 1, "trainer.spike_factor", t.spike_factor,
            "must be 0 (off) or > 1, e.g. trainer.spike_factor=3")
+    _check(t.cost_per_device_hour is None or (math.isfinite(t.cost_per_device_hour) and t.cost_per_device_hour >= 0),
+           "trainer.cost_per_device_hour", t.cost_per_device_hour,
+           "must be a price >= 0 in USD per device-hour, e.g. trainer.cost_per_device_hour=2.5 (null = the table)")
+    for kind, row in t.cost_table.items():
+        _check(len(row) == 2 and all(math.isfinite(p) and p >= 0 for p in row), f"trainer.cost_table[{kind!r}]",
+               row, "must be [on-demand, spot] prices >= 0 in USD per device-hour, e.g. [3.0, 1.5]")
     # optimizer
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("optim.decay", o.decay, DECAYS)

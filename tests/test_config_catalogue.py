@@ -98,6 +98,9 @@ CATALOGUE = [
     ([CNN, "data=synthetic", "data.task=classify", "data.input_shape=[64]"], "needs image inputs (H, W, C)"),
     (["model=custom"], "has missing mandatory value: target"),
     ([MLP, "lora.rank=4"], "lora.rank=4: adapts a trained model: set trainer.init_from"),
+    ([MLP, "trainer.cost_per_device_hour=-1"], "trainer.cost_per_device_hour=-1.0: must be a price >= 0 in USD"),
+    ([MLP, "trainer.cost_per_device_hour=cheap"], "Value 'cheap' of type 'str' could not be converted to Float"),
+    ([MLP, "+trainer.cost_table.tpu=[1]"], "trainer.cost_table['tpu']=[1.0]: must be [on-demand, spot] prices"),
 ]
 
 

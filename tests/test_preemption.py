@@ -1,5 +1,6 @@
 """Preemption with several processes: SIGTERM reaches only one of them, yet all save the same step and stop."""
 
+import json
 import os
 import re
 import signal
@@ -38,3 +39,5 @@ def test_sigterm_to_one_process_stops_all_at_an_agreed_step(tmp_path):
     assert steps[0] == steps[1] and steps[0] % 10 == 0  # agreed, at a log step
     saved = tmp_path / "run0" / "checkpoints" / str(steps[0])
     assert sorted(os.listdir(saved / "data")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    cost = json.load(open(tmp_path / "run0" / "env.json"))["cost"]  # what the run cost until it was stopped
+    assert cost["preempted"] and cost["devices"] == 2 and cost["examples"] == steps[0] * 16

@@ -60,6 +60,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
             "preprocessing": preprocessing(run), "source": {
                 "run_dir": run.run_dir, "step": run.step, "experiment": run.cfg.name,
                 "git": run.env.get("git"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            "data_fingerprint": run.env.get("data"),  # what the model was trained on (mlsys.data.fingerprint)
             "parity": {"tolerance": tol, "inputs": f"{len(x)} held-out examples"}, "formats": [],
         }
         if run.cfg.lora.rank:

@@ -11,9 +11,10 @@ import numpy as np
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mlsys import checkpoint, data, sample
+from mlsys import checkpoint, cost, data, sample
 from mlsys.config import Config, validate
 from mlsys.data.checks import check_batches
+from mlsys.data.fingerprint import fingerprint, warn_if_changed
 from mlsys.errors import Preempted
 from mlsys.models import family_of, lora
 from mlsys.models.family import check_fits
@@ -46,6 +47,7 @@ def evaluate(eval_fn, state, split, cfg: Config, put) -> dict:
 def train(cfg: Config, run_dir: str) -> dict:
     """Train as `cfg` says, writing into `run_dir`. Returns the final metrics by split."""
     t, d = cfg.trainer, cfg.data
+    started = time.perf_counter()  # the devices are held (and billed) from here
 
     # --- Processes: join the others (multi-host) before touching a device; all write into process 0's run dir.
     init_distributed(cfg.dist)
@@ -55,6 +57,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
     validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
+    cost_before = cost.previous(resume_dir)  # read before this run's env.json may overwrite it (same run dir)
     checkpoint.check_writable(run_dir)
 
     # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
@@ -65,6 +68,9 @@ def train(cfg: Config, run_dir: str) -> dict:
     dataset = data.load(d, cfg.seed)
     check_fits(cfg.model, dataset.spec, d)  # a user's file against the model: known only once it is read
     check_batches(dataset.splits, d)
+    data_fp = fingerprint(d, cfg.seed)  # what data this run sees; a continued run is warned when it changed
+    if resume_dir or t.init_from:
+        warn_if_changed(data_fp, resume_dir or t.init_from, "trainer.resume" if resume_dir else "trainer.init_from")
     train_iter = data.train_iterator(dataset.splits["train"], d.batch_size, cfg.seed, jax.process_index(),
                                      jax.process_count())
 
@@ -108,12 +114,23 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Tracking: process 0 writes metrics.jsonl, wandb, env.json, the vocabulary.
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=is_main)
-    tracker.write_env(environment({
+    env = environment({
         "resumed_from": resume_dir, "start_step": start, "init_from": t.init_from, "n_params": n_params,
         "n_trainable": n_trainable, "trainable_fraction": n_trainable / n_params, "compile_seconds": compile_s,
         "flops_per_example": flops_example, "flops_per_token": flops_example / tokens if tokens else None,
         "peak_tflops_per_device": peak, "peak_source": peak_source,
-        "mesh": dict(mesh.shape), "bytes_per_device": per_device}))
+        "mesh": dict(mesh.shape), "bytes_per_device": per_device, "data": data_fp})
+    tracker.write_env(env)
+
+    def record_cost(preempted: bool) -> dict:  # device-hours and dollars, into metrics.jsonl and env.json
+        rec = cost.run_cost(t, jax.devices()[0].device_kind, cost.billed_devices(jax.devices()),
+                            time.perf_counter() - started, (step - start) * d.batch_size,
+                            (step - start) * d.batch_size * tokens, cost_before, preempted)
+        tracker.log(step, "cost", cost.metrics(rec))
+        env["cost"] = rec
+        tracker.write_json("env.json", env)
+        return rec
+
     if is_main:
         data.save_meta(dataset, run_dir)
         # The resolved config beside the run, whether Hydra launched it or a notebook did (export reads it).
@@ -180,7 +197,9 @@ def train(cfg: Config, run_dir: str) -> dict:
                                     f"trainer.resume=auto (or trainer.resume={run_dir})")
                 if step < t.steps:
                     batch = next(train_iter)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, Preempted):  # a spot VM's run: what it cost so far, for the run that resumes it
+            record_cost(preempted=True)
         tracker.close(ok=False)
         raise
     finally:
@@ -195,6 +214,7 @@ def train(cfg: Config, run_dir: str) -> dict:
                 tracker.log(step, split, results[split])
         if dataset.spec.task == "lm" and t.sample_chars and "vocab" in dataset.meta:
             results["sample"] = draw_sample(run.eval_def, state, dataset, cfg)
+    results["cost"] = record_cost(preempted=False)
     tracker.close()
     results["compile_seconds"] = compile_s
     results["run_dir"] = run_dir
