@@ -180,7 +180,7 @@ def arm_latency(runtime: str) -> dict:
     from mlsys.config import register, to_typed
     from mlsys.data import load
     from mlsys.export.onnx_export import export_view, ort_run, ort_session, quantize_int8, to_onnx
-    from mlsys.models import build_model
+    from mlsys.models import build_model, family_of
 
     register()
     out = {}
@@ -192,7 +192,7 @@ def arm_latency(runtime: str) -> dict:
         if runtime != "jax":
             tmp = tempfile.mkdtemp()
             path = os.path.join(tmp, "model.onnx")
-            to_onnx(model, spec, path, getattr(cfg.model, "block_size", None))
+            to_onnx(model, spec, path, family_of(cfg.model).max_len(cfg.model))
             if runtime == "ort-int8":
                 quantize_int8(path, os.path.join(tmp, "q.onnx"))
                 path = os.path.join(tmp, "q.onnx")

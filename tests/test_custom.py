@@ -45,6 +45,31 @@ def test_custom_model_trains_resumes_and_exports(case, train_tiny, tmp_path):
     assert m["parity"]["onnx_max_abs_diff"] < 1e-4 and m["source"]["step"] == 6
 
 
+def test_linen_dropout_and_batch_statistics_follow_the_mode():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mlsys.models import CustomConfig, build_model
+    from mlsys.spec import DataSpec
+    from mlsys.train.state import split_model
+
+    model = build_model(CustomConfig(target=f"{FIXTURES}:LinenNet", kwargs={"width": 8}),
+                        DataSpec("classify", (8, 8, 1), "float32", 10), nnx.Rngs(params=0, dropout=1))
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+
+    def stats(m):
+        return [np.array(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(m, nnx.BatchStat))]
+
+    for train in (True, False):
+        graphdef, params, rest = split_model(model, train)
+        m = nnx.merge(graphdef, params, rest)
+        before = stats(m)
+        a, b = m(x), m(x)
+        changed = any(np.abs(u - v).max() > 0 for u, v in zip(before, stats(m)))
+        assert changed == train and bool(jnp.any(a != b)) == train  # training: new masks, statistics move
+
+
 BAD = [
     ("not_a_class", [], "is <function not_a_class at .*>, not a class"),
     ("NotAModule", [], "not a flax.nnx.Module or flax.linen.Module subclass"),

@@ -48,6 +48,9 @@ def import_target(target: str) -> type:
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"model.target={target!r} cannot be imported ({e}); give 'package.module:ClassName' "
                           f"importable from the current directory or PYTHONPATH") from None
+    except Exception as e:  # the user's module fails while it is imported (a syntax error, a failing statement)
+        raise ConfigError(f"model.target={target!r}: importing {module_name!r} failed: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
     if not inspect.isclass(cls):
         raise ConfigError(f"model.target={target!r} is {cls!r}, not a class; name a flax.nnx.Module or "
                           f"flax.linen.Module subclass")
