@@ -16,6 +16,7 @@ from tests.conftest import typed_cfg
 FIXTURES = "tests.fixtures.user_model"
 CASES = {  # target, extra overrides, (first run's mesh, resumed run's mesh)
     "flax_style": ("FlaxStyleNet", ["+model.kwargs.width=16"], ("single", "single")),
+    "spec_style": ("TinyNet", ["+model.kwargs.width=16"], ("data", "single")),  # built as TinyNet(spec, rngs=...)
     "linen": ("LinenNet", ["+model.kwargs.width=16"], ("fsdp", "data")),
 }
 
