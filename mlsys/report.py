@@ -7,13 +7,9 @@ import json
 import os
 from dataclasses import dataclass
 
-import matplotlib
+import yaml
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-
-from mlsys.errors import MlsysError  # noqa: E402
+from mlsys.errors import MlsysError
 
 
 @dataclass
@@ -168,7 +164,19 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _pyplot():
+    """matplotlib, imported when a report draws: every training run imports this module for its objective, and
+    pyplot alone costs each process ~0.5 s of start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _curves(runs: list, root: str, out: str, swept: list) -> str:
+    plt = _pyplot()
     fig = curves_figure(runs, root, swept)
     path = os.path.join(out, "curves.png")
     fig.savefig(path, dpi=100)
@@ -179,7 +187,7 @@ def _curves(runs: list, root: str, out: str, swept: list) -> str:
 def curves_figure(runs: list, root: str, swept: list):
     """Training loss (solid) and validation loss (dashed, same colour) of every run against the step, each run
     named by its swept values; a split with a single logged point is drawn as a marker (a line needs two)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     for i, r in enumerate(runs):
         colour = f"C{i % 10}"
         for split, style, marker in (("train", "-", "o"), ("val", "--", "s")):
@@ -200,6 +208,7 @@ def _against(runs: list, scores: dict, key: str, metric: str, out: str) -> str |
     pts = [(r.config.get(key), scores[r.path]) for r in runs if scores[r.path] is not None]
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pts):
         return None  # a categorical or list-valued key: in the table only
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter(*zip(*pts))
     ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key}")
