@@ -34,7 +34,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per step (lax.scan); data.batch_size stays the batch of one step
     profile: list[int] = field(default_factory=list)  # [start, stop]: a jax.profiler trace of those steps
     compile_cache: str = "~/.cache/mlsys/jax"  # persistent compilation cache shared by runs; "" = off
-    peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from the table in mlsys/perf.py (or measured on CPU)
+    peak_tflops: Optional[float] = None  # the device's peak for MFU; None = the table in mlsys/perf.py (measured on CPU)
     on_nan: str = "stop"  # NaN/Inf loss or gradient: "stop" (error naming the step) or "skip" (no update, counted)
     max_nan_skips: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     spike_factor: float = 3.0  # log a loss_spike when a log step's loss exceeds this x the running mean; 0 = off

@@ -29,9 +29,9 @@ def measured_cpu_tflops() -> float:
     return 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e12
 
 
-def peak_tflops(device_kind: str, override: float = 0.0) -> tuple[float, str]:
-    """(peak TFLOP/s of one device, where the figure comes from)."""
-    if override:
+def peak_tflops(device_kind: str, override: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where the figure comes from); `override` (trainer.peak_tflops) wins."""
+    if override is not None:
         return override, "trainer.peak_tflops"
     kind = device_kind.lower()
     for key, value in PEAK_TFLOPS.items():

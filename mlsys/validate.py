@@ -44,7 +44,8 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     _check(t.grad_accum > 0, "trainer.grad_accum", t.grad_accum, "must be > 0 (1 = no accumulation)")
     _check(len(t.profile) in (0, 2) and (not t.profile or 0 <= t.profile[0] < t.profile[1]), "trainer.profile",
            t.profile, "must be [] or [start, stop] with 0 <= start < stop, e.g. trainer.profile=[10,20]")
-    _check(t.peak_tflops >= 0, "trainer.peak_tflops", t.peak_tflops, "must be >= 0 (0 = the built-in table)")
+    _check(t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops", t.peak_tflops,
+           "must be > 0 TFLOP/s, e.g. trainer.peak_tflops=989 (or null: the built-in table)")
     _one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
     _check(t.max_nan_skips > 0, "trainer.max_nan_skips", t.max_nan_skips, "must be > 0, e.g. trainer.max_nan_skips=10")
     _check(t.spike_factor == 0 or t.spike_factor > 1, "trainer.spike_factor", t.spike_factor,

@@ -54,7 +54,9 @@ CATALOGUE = [
     ([MLP, "trainer.max_nan_skips=0"], "trainer.max_nan_skips=0: must be > 0"),
     ([MLP, "trainer.spike_factor=0.5"], "trainer.spike_factor=0.5: must be 0 (off) or > 1"),
     ([MLP, "trainer.sample_temperature=0"], "trainer.sample_temperature=0.0: must be > 0"),
-    ([MLP, "trainer.peak_tflops=-1"], "trainer.peak_tflops=-1.0: must be >= 0"),
+    ([MLP, "trainer.peak_tflops=-1"], "trainer.peak_tflops=-1.0: must be > 0 TFLOP/s"),
+    ([MLP, "trainer.peak_tflops=0"], "trainer.peak_tflops=0.0: must be > 0 TFLOP/s, e.g. trainer.peak_tflops=989 "
+                                     "(or null: the built-in table)"),
     ([MLP, "optim.lr=0"], "optim.lr=0.0: must be > 0"),
     ([MLP, "optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
     ([MLP, "optim.min_lr=1"], "optim.min_lr=1.0: must be in [0, optim.lr=0.003]"),

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mlsys import checkpoint, cost, data, sample
+from mlsys.accel import log_platform
 from mlsys.config import Config, validate
 from mlsys.data.checks import check_batches
 from mlsys.data.fingerprint import fingerprint, warn_if_changed
@@ -53,6 +54,8 @@ def train(cfg: Config, run_dir: str) -> dict:
     init_distributed(cfg.dist)
     run_dir = shared_run_dir(run_dir)
     is_main = jax.process_index() == 0
+    if is_main:
+        log_platform(log)  # which platform, and a warning when an installed CUDA/TPU build went unused
 
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
     validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
