@@ -15,13 +15,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlsys.cli import friendly_errors, summary
-from mlsys.config import Config, load_saved
+from mlsys.config import Config, DistConfig, load_saved
 from mlsys.errors import ConfigError
 from mlsys.tracking import code_version
 
 
 def recorded(run_dir: str, overrides: list[str]) -> Config:
     cfg = load_saved(run_dir)
+    # How the run was launched (its processes, their coordinator) is not what it computes: a run trained by
+    # `launch_local -n 2` reruns in this one process on the same mesh, unless dist.* overrides say otherwise.
+    cfg.dist = DistConfig()
     if not overrides:
         return cfg
     bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]

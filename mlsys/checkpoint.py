@@ -1,18 +1,35 @@
 """Checkpoints with orbax: the whole train state (params, optimizer state, step, RNG streams, batch statistics)
-and the grain iterator's position, saved asynchronously; restored onto any mesh from abstract sharded targets."""
+and the data position, saved asynchronously; restored onto any mesh, by any number of processes, from abstract
+sharded targets.
+
+A step holds `state/` (orbax's arrays, written by every process) and `data_position/` (one small JSON: the index
+of the next global batch, which means the same on any process count; see mlsys/data/pipeline.py). Steps written
+by mlsys before that JSON existed hold grain's per-process iterator files `data/process_<i>-of-<n>.json`; they
+are read too, whatever the process count now.
+
+Restore tells a damaged step (empty, partly written, bad bytes: skipped with a warning in favour of the one
+before it) from a healthy one written under other conditions (another model config, a newer mlsys): those stop
+with an error naming the difference, never a quiet fall back to an older step.
+"""
 
 import contextlib
+import glob
+import json
 import logging
 import os
 import re
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mlsys.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# The layout mlsys writes beside orbax's arrays (today: the data_position item). A step of a newer format is
+# refused with an upgrade hint, not skipped as damaged. 0 = grain's per-process iterator files (older mlsys).
+FORMAT = 1
 
 
 def _options(max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManagerOptions:
@@ -81,11 +98,13 @@ class Checkpointer:
             raise self._error(None, e) from None
 
     def save(self, step: int, state, data_iter) -> None:
+        """Save `state` and `data_iter`'s position (mlsys.data.TrainIterator) as step `step`."""
+        position = {"format": FORMAT, **data_iter.get_state(), "process_count": jax.process_count()}
         try:  # an earlier asynchronous write that failed surfaces here
             if step in self.manager.all_steps():
                 return
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            data=grain.checkpoint.CheckpointSave(data_iter)))
+                                                            data_position=ocp.args.JsonSave(position)))
             self.writing = step
         except Exception as e:
             raise self._error(step, e) from None
@@ -158,10 +177,76 @@ def _quiet_read_only():
         logger.removeFilter(quiet)
 
 
-def restore(run_dir: str, abstract_state, data_iter, step: int | None = None):
-    """Restore the newest readable checkpoint of `run_dir` (or exactly `step`) into shardings given by
-    `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) and set `data_iter` to its saved position. An
-    unreadable step (empty, partly written, corrupt) is skipped with a warning in favour of the one before it."""
+class _Damaged(Exception):
+    """A step that cannot be read (empty, partly written, bad bytes): skipped for the one before it."""
+
+
+def _key(path) -> tuple:
+    """A pytree path as plain strings, the same for a TrainState, a dict and orbax's metadata tree."""
+    return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_structure(step_dir: str, abstract, partial: bool, what: str) -> None:
+    """Compare the saved arrays' paths and shapes with what this config builds, before reading any array: a
+    mismatch is a healthy checkpoint of another model (an error naming the paths), not a damaged one."""
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir, "state"))
+        saved = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta.tree)[0]}
+    except Exception as e:  # missing or unreadable metadata: a damaged (or unfinished) step
+        raise _Damaged(f"its array metadata cannot be read ({type(e).__name__})") from None
+    # A PRNG key is stored as its raw uint32 data (one more dimension): compare that shape.
+    want = {_key(p): tuple(jax.eval_shape(jax.random.key_data, x).shape
+                           if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    problems = [f"{'.'.join(k)}: not in the checkpoint" for k in want if k not in saved]
+    if not partial:
+        problems += [f"{'.'.join(k)}: in the checkpoint, not in this {what}" for k in saved if k not in want]
+    problems += [f"{'.'.join(k)}: shape {saved[k]} there, {shape} here" for k, shape in want.items()
+                 if k in saved and saved[k] != shape]
+    if problems:
+        raise CheckpointError(
+            f"{step_dir} was saved from another {what} config than this one ({'; '.join(problems[:4])}"
+            f"{f'; and {len(problems) - 4} more' if len(problems) > 4 else ''}). Use the run's own config "
+            f"({os.path.join(os.path.dirname(os.path.dirname(step_dir)), 'config.yaml')})")
+
+
+def _read_position(manager, step_dir: str, step: int) -> dict:
+    """The saved data position: mlsys's JSON, or the index in grain's per-process files of an older mlsys (every
+    process's file holds the same index, so any one serves any process count)."""
+    try:
+        if os.path.isdir(os.path.join(step_dir, "data_position")):
+            position = dict(manager.restore(step, args=ocp.args.Composite(
+                data_position=ocp.args.JsonRestore()))["data_position"])
+        else:
+            files = sorted(glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json")))
+            if not files:
+                raise _Damaged("it has no data position (no data_position/ or data/process_*.json)")
+            with open(files[0]) as f:
+                position = {"format": 0, "next_batch": int(json.load(f)["next_index"])}
+        int(position["next_batch"])
+    except _Damaged:
+        raise
+    except Exception as e:
+        raise _Damaged(f"its data position cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    if int(position.get("format", 0)) > FORMAT:
+        raise CheckpointError(f"{step_dir} was written by a newer mlsys (checkpoint format {position['format']}, "
+                              f"this one reads up to {FORMAT}); upgrade mlsys (pip install -U mlsys) to read it")
+    return position
+
+
+def _set_position(data_iter, position: dict, step_dir: str) -> None:
+    """Put the iterator at the saved global batch; the order of examples must be the one the run trained with."""
+    mine = data_iter.get_state()
+    differ = [f"{k}={position[k]} there, {mine[k]} here" for k in ("batch_size", "seed")
+              if k in position and position[k] != mine.get(k)]
+    if differ:
+        raise CheckpointError(f"{step_dir}: the data order differs from the run's ({'; '.join(differ)}), so its "
+                              f"data position does not carry over; resume with the run's data.batch_size and seed")
+    data_iter.set_state(position)
+
+
+def _restore_steps(run_dir: str, step: int | None, read):
+    """`read(manager, step_dir, step)` on the newest step (or exactly `step`), falling back past damaged ones."""
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     with _quiet_read_only():
         manager = ocp.CheckpointManager(directory, options=_options(read_only=True))
@@ -173,23 +258,51 @@ def restore(run_dir: str, abstract_state, data_iter, step: int | None = None):
         steps = [step]
     errors = []
     try:
-        for step in steps:
+        for s in steps:
             try:
-                out = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except Exception as e:  # orbax raises many types for a damaged step; report and fall back
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                errors.append(f"step {step}: {reason}")
-                log.warning("checkpoint step %d in %s is unreadable (%s); trying the one before", step, directory,
-                            reason)
-                continue
-            return out["state"], step
+                return read(manager, os.path.join(directory, str(s)), s), s
+            except _Damaged as e:
+                errors.append(f"step {s}: {e}")
+            except CheckpointError:
+                raise
+            except Exception as e:  # orbax raises many types for bad bytes in a step; report and fall back
+                errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.warning("checkpoint %s is damaged (%s); trying the one before", errors[-1], directory)
     finally:
         manager.close()
     detail = "; ".join(errors) if errors else "no steps found"
     raise CheckpointError(f"no readable checkpoint in {directory} ({detail}). If the model config differs from the "
                           f"run's, use the run's config (see {os.path.join(run_dir, '.hydra/overrides.yaml')})")
+
+
+def restore(run_dir: str, abstract_state, data_iter=None, step: int | None = None):
+    """Restore the newest readable checkpoint of `run_dir` (or exactly `step`) into shardings given by
+    `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding), on whatever mesh and process count those
+    describe, and set `data_iter` (if given) to its saved position. Returns (state, step)."""
+
+    def read(manager, step_dir, s):
+        _check_structure(step_dir, abstract_state, partial=False, what="model or optimizer")
+        position = _read_position(manager, step_dir, s) if data_iter is not None else None
+        state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if position is not None:
+            _set_position(data_iter, position, step_dir)
+        return state
+
+    return _restore_steps(run_dir, step, read)
+
+
+def restore_weights(run_dir: str, abstract: dict, step: int | None = None):
+    """Only the parts of the train state named in `abstract` (e.g. {"params": ..., "rest": ...}: what export,
+    fine-tuning and sampling need), never the optimizer state or the data position: a run saved by any number of
+    processes on any mesh loads in one process on one device. Returns (dict like `abstract`, step)."""
+
+    def read(manager, step_dir, s):
+        _check_structure(step_dir, abstract, partial=True, what="model")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        return manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
+
+    return _restore_steps(run_dir, step, read)
 
 
 def abstract_like(state, shardings):

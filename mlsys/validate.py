@@ -113,9 +113,10 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
             _check(all(v % tp == 0 for v in values), key, values[0] if len(values) == 1 else values,
                    f"must be divisible by the tensor-parallel size {tp}; change it or mesh.shape.tensor")
     for key, b in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
-        _check(b % dp == 0 and b % n_processes == 0, key, b,
+        unit = math.lcm(dp, n_processes)
+        _check(b % unit == 0, key, b,
                f"must be divisible by the data-parallel size {dp} (mesh {shape}) and the {n_processes} "
-               f"process(es); e.g. {key}={max(dp, n_processes) * max(1, b // max(dp, n_processes))}")
+               f"process(es); e.g. {key}={unit * max(1, round(b / unit))}")
     k = t.grad_accum
     _check(d.batch_size % (k * dp) == 0, "data.batch_size", d.batch_size,
            f"must be divisible by trainer.grad_accum={k} x the data-parallel size {dp} = {k * dp}")

@@ -121,3 +121,35 @@ def test_arrays_not_npz(tmp_path):
     p.write_bytes(b"not a zip file at all")
     with pytest.raises(DataError, match="cannot read it as .npz"):
         load(ArraysConfig(path=str(p)), 0)
+
+
+class _Ids:
+    """A split whose examples are their own ids, to follow every example through process-count changes."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return {"id": np.int64(i)}
+
+
+def _read(iters, n: int) -> list[int]:
+    """n global batches read by these processes' iterators (all at the same position), in global order."""
+    return [int(i) for _ in range(n) for it in iters for i in next(it)["id"]]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_process_count_skips_and_repeats_no_example(before, after):
+    """The saved position (a global batch index) means the same examples whoever reads them: 7 batches on `before`
+    processes, then the saved state on `after` processes, read exactly what one uninterrupted reader reads."""
+    whole = _read([train_iterator(_Ids(), 8, seed=5)], 12)
+    first = [train_iterator(_Ids(), 8, 5, p, before) for p in range(before)]
+    ids = _read(first, 7)
+    state = json.loads(json.dumps(first[0].get_state()))
+    assert all(it.get_state() == state for it in first) and state["next_batch"] == 7
+    then = [train_iterator(_Ids(), 8, 5, p, after) for p in range(after)]
+    for it in then:
+        it.set_state(state)
+    ids += _read(then, 5)
+    assert ids == whole
+    assert sorted(ids[:40]) == list(range(40))  # the first epoch holds every example once

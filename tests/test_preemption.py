@@ -38,6 +38,7 @@ def test_sigterm_to_one_process_stops_all_at_an_agreed_step(tmp_path):
     steps = [int(re.search(r"preempted: stopped by SIGTERM after step (\d+)", e).group(1)) for e in errs]
     assert steps[0] == steps[1] and steps[0] % 10 == 0  # agreed, at a log step
     saved = tmp_path / "run0" / "checkpoints" / str(steps[0])
-    assert sorted(os.listdir(saved / "data")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    position = json.loads((saved / "data_position" / "metadata").read_text())  # one, for any process count
+    assert position["next_batch"] == steps[0] and position["process_count"] == 2
     cost = json.load(open(tmp_path / "run0" / "env.json"))["cost"]  # what the run cost until it was stopped
     assert cost["preempted"] and cost["devices"] == 2 and cost["examples"] == steps[0] * 16

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from flax import nnx
 
 from mlsys import checkpoint, data
-from mlsys.config import Config, load_saved
+from mlsys.config import Config, DistConfig, load_saved
 from mlsys.errors import CheckpointError
 from mlsys.models.lora import merge_lora
 from mlsys.parallel import MeshConfig, make_mesh
-from mlsys.train.build import restore_trainer
+from mlsys.train.build import restore_model
 
 
 @dataclass
@@ -32,11 +32,11 @@ def load_run(run_dir: str, step: int | None = None, merge: bool = True) -> Loade
     cfg = load_saved(run_dir)
     if not checkpoint.has_checkpoint(run_dir):
         raise CheckpointError(f"run={run_dir!r} has no checkpoint; train it (with a final checkpoint) first")
-    cfg.mesh = MeshConfig()  # whatever mesh it trained on, export restores onto one device
-    cfg.trainer.step, cfg.trainer.grad_accum = "jit", 1
+    # Whatever mesh and number of processes it trained on, export restores its weights onto one device.
+    cfg.mesh, cfg.dist = MeshConfig(), DistConfig()
     dataset = data.load(cfg.data, cfg.seed)
-    run, state, step = restore_trainer(run_dir, cfg, dataset.spec, make_mesh(cfg.mesh), dataset, step)
-    model = nnx.merge(run.eval_def, state.params, state.rest)
+    eval_def, params, rest, step = restore_model(run_dir, cfg, dataset.spec, make_mesh(cfg.mesh), step)
+    model = nnx.merge(eval_def, params, rest)
     if cfg.lora.rank and merge:  # a LoRA fine-tune exports as the plain model, the adapters folded into its kernels
         model = merge_lora(model)
     env_path = os.path.join(run_dir, "env.json")

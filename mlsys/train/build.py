@@ -4,9 +4,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from mlsys import checkpoint, data
+from mlsys import checkpoint
 from mlsys.optim import make_optimizer
-from mlsys.parallel import batch_sharding
+from mlsys.parallel import batch_sharding, param_shardings
 from mlsys.train.shard_step import make_shard_map_step
 from mlsys.train.state import abstract_model, create_state, split_model
 from mlsys.train.step import make_eval_step, make_train_step
@@ -39,10 +39,12 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
     return Trainer(state, shardings, train_step, jax.jit(make_eval_step(eval_def)), eval_def, put, lr_schedule)
 
 
-def restore_trainer(run_dir: str, cfg, spec, mesh: jax.sharding.Mesh, dataset, step: int | None = None):
-    """A saved run's own Trainer (its optimizer too: orbax restores whole trees) on `mesh`, and the state of its
-    newest readable checkpoint (or of `step`). Returns (trainer, state, step)."""
-    run = build(cfg, spec, mesh, cfg.trainer.steps)
-    scratch = data.train_iterator(dataset.splits["train"], cfg.data.batch_size, cfg.seed)  # takes the saved position
-    state, step = checkpoint.restore(run_dir, checkpoint.abstract_like(run.state, run.shardings), scratch, step)
-    return run, state, step
+def restore_model(run_dir: str, cfg, spec, mesh: jax.sharding.Mesh, step: int | None = None):
+    """A saved run's weights (parameters, batch statistics, frozen and LoRA weights, RNG streams) placed on `mesh`
+    by `cfg.mesh.param_rules`, from its newest readable checkpoint (or `step`), whatever number of processes and
+    mesh wrote it; the optimizer state and data position are not read. Returns (eval graphdef, params, rest, step)."""
+    eval_def, params, rest = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora), train=False)
+    abstract = {"params": params, "rest": rest}
+    shardings = param_shardings(abstract, mesh, cfg.mesh.param_rules)
+    weights, step = checkpoint.restore_weights(run_dir, checkpoint.abstract_like(abstract, shardings), step)
+    return eval_def, weights["params"], weights["rest"], step

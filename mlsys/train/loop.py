@@ -25,6 +25,7 @@ from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
 from mlsys.train.guard import NumericsGuard
 from mlsys.train.pretrained import load_pretrained
+from mlsys.train.resume import check_same_data
 
 log = logging.getLogger("mlsys")
 
@@ -61,6 +62,8 @@ def train(cfg: Config, run_dir: str) -> dict:
     validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
     cost_before = cost.previous(resume_dir)  # read before this run's env.json may overwrite it (same run dir)
+    if resume_dir:
+        check_same_data(resume_dir, cfg)
     checkpoint.check_writable(run_dir)
 
     # --- Mesh: sharding is data (conf/mesh), the step below is the same for every mesh.
@@ -101,7 +104,8 @@ def train(cfg: Config, run_dir: str) -> dict:
         log.info("initialised from %s (step %d); training %s of %s parameters (%.2f%%)", t.init_from, from_step,
                  f"{n_trainable:,}", f"{n_params:,}", 100 * n_trainable / n_params)
 
-    # --- Resume: params, optimizer state, step, RNG streams and the data iterator's position.
+    # --- Resume: params, optimizer state, step, RNG streams and the data position, on this run's mesh and process
+    # count whatever the saved run's were (the position is a global batch index, the same on every process).
     start = 0
     if resume_dir:
         state, start = checkpoint.restore(resume_dir, checkpoint.abstract_like(state, run.shardings), train_iter)

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 import jax
 from flax import nnx
 
-from mlsys import checkpoint, data
+from mlsys import checkpoint
 from mlsys.config import Config, load_saved
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models.lora import Frozen
@@ -53,7 +53,7 @@ def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
 
 def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint."""
-    from mlsys.train.build import restore_trainer  # build imports this module's neighbours; import late
+    from mlsys.train.build import restore_model  # build imports this module's neighbours; import late
 
     try:
         base = load_saved(run_dir)
@@ -65,10 +65,9 @@ def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
         raise ConfigError(f"trainer.init_from={run_dir!r} is itself a LoRA fine-tune (lora.rank={base.lora.rank}); "
                           f"start from the run it fine-tuned ({base.trainer.init_from})")
     check_compatible(run_dir, base, cfg, spec)
-    # Rebuild the pretrained run's own state (its optimizer too: orbax restores whole trees) on this run's mesh.
-    base = replace(base, mesh=cfg.mesh, trainer=replace(base.trainer, grad_accum=1))
-    _, restored, step = restore_trainer(run_dir, base, spec, mesh, data.load(base.data, base.seed))
-    found = _weights(restored.params) | _weights(restored.rest)
+    # The pretrained run's weights only, placed on this run's mesh (whatever mesh and process count saved them).
+    _, params, rest, step = restore_model(run_dir, replace(base, mesh=cfg.mesh), spec, mesh)
+    found = _weights(params) | _weights(rest)
 
     def take(st: nnx.State) -> nnx.State:
         flat = [(p, v.replace(found[p].get_value()) if p in found and isinstance(v, WEIGHTS)
