@@ -14,6 +14,7 @@ from mlsys.data.sources import CONFIGS as DATA_CONFIGS
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models import REGISTRY
 from mlsys.models.lora import LoRAConfig
+from mlsys.models.prune import PruneConfig
 from mlsys.optim import OptimConfig
 from mlsys.parallel import MeshConfig
 from mlsys.sweep import register_resolvers
@@ -91,6 +92,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (fine-tuning with trainer.init_from)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # set by experiments.prune; inherited by init_from
 
 
 def register() -> None:

@@ -8,6 +8,7 @@ from mlsys.data.sources import CONFIGS as DATA_CONFIGS
 from mlsys.errors import check, one_of
 from mlsys.models import REGISTRY
 from mlsys.models.common import DTYPES
+from mlsys.models.prune import check as check_prune
 from mlsys.optim import DECAYS, OPTIMIZERS
 from mlsys.parallel import check_rules, data_parallel_size, resolve_shape
 
@@ -127,6 +128,9 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     # logger
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     # fine-tuning
+    check_prune(cfg.prune)
+    _check(not (cfg.prune.sparsity and cfg.lora.rank), "lora.rank", cfg.lora.rank, "LoRA on a pruned model is not "
+           "supported; fine-tune it without adapters (lora.rank=0)")
     lo = cfg.lora
     _check(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = no adapters)")
     _check(lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0 (the update is scaled by alpha / rank)")

@@ -16,6 +16,7 @@ from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize
 from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
 from mlsys.models import REGISTRY, family_of
+from mlsys.models.prune import pruning_report
 from mlsys.trackers import mlflow_attach
 
 FORMATS = ("onnx", "torch")
@@ -86,6 +87,8 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                 mirrored = [n for n, f in REGISTRY.items() if "torch" in f.mirrors]
                 print(f"note: model={family.name} has no PyTorch mirror: only ONNX is available (the PyTorch mirror "
                       f"exists for {', '.join(mirrored)})")
+        if run.cfg.prune.sparsity:  # the zeros stay in the files; how far they compress
+            manifest["pruning"] = {**asdict(run.cfg.prune), **pruning_report(run.model, tmp)}
         manifest["reference_stats"] = write_reference(run, tmp)
         write_signed(tmp, manifest)
         verify(tmp)

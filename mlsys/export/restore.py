@@ -10,6 +10,7 @@ from mlsys import checkpoint, data
 from mlsys.config import Config, DistConfig, load_saved
 from mlsys.errors import CheckpointError
 from mlsys.models.lora import merge_lora
+from mlsys.models.prune import unmask
 from mlsys.parallel import MeshConfig, make_mesh
 from mlsys.train.build import restore_model
 
@@ -39,6 +40,8 @@ def load_run(run_dir: str, step: int | None = None, merge: bool = True) -> Loade
     model = nnx.merge(eval_def, params, rest)
     if cfg.lora.rank and merge:  # a LoRA fine-tune exports as the plain model, the adapters folded into its kernels
         model = merge_lora(model)
+    if cfg.prune.sparsity and merge:  # a pruned model exports as the plain model, its zeros in the kernels
+        model = unmask(model)
     env_path = os.path.join(run_dir, "env.json")
     env = {}
     if os.path.isfile(env_path):

@@ -25,10 +25,11 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
     """Create the state in its shards and the train step for `cfg.trainer.step` (jit or shard_map): one step
     function for every mesh, shardings given to jit as data."""
     kind = cfg.trainer.step
-    _, abstract_params, _ = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora), train=True)
+    _, abstract_params, _ = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune),
+                                     train=True)
     tx, lr_schedule = make_optimizer(cfg.optim, total_steps, abstract_params, clip=kind == "jit")
     train_def, eval_def, state, shardings = create_state(cfg.model, spec, cfg.seed, tx, mesh, cfg.mesh.param_rules,
-                                                         cfg.lora)
+                                                         cfg.lora, cfg.prune)
     put = batch_sharding(mesh, cfg.mesh.act_rules)
     if kind == "shard_map":
         step = make_shard_map_step(train_def, tx, cfg.optim.clip_norm, lr_schedule, mesh, shardings, put.spec,

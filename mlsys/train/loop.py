@@ -24,7 +24,7 @@ from mlsys.parallel import activation_sharding, bytes_per_device, init_distribut
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
 from mlsys.train.guard import NumericsGuard
-from mlsys.train.pretrained import load_pretrained
+from mlsys.train.pretrained import inherit_prune, load_pretrained
 from mlsys.train.resume import check_same_data
 
 log = logging.getLogger("mlsys")
@@ -81,6 +81,8 @@ def train(cfg: Config, run_dir: str) -> dict:
                                      jax.process_count())
 
     # --- Model, optimizer state and step: the state is born sharded on the mesh.
+    if t.init_from:  # fine-tuning a pruned run keeps its masks: this model carries them too
+        inherit_prune(cfg, t.init_from)
     run = build(cfg, dataset.spec, mesh, t.steps)
     state = run.state
     # With LoRA only the adapters are nnx.Param (trained); the frozen weights count towards the model's size.

@@ -15,10 +15,12 @@ from mlsys import checkpoint
 from mlsys.config import Config, load_saved
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models.lora import Frozen
+from mlsys.models.prune import PruneMask
 from mlsys.train.state import abstract_model
 
-# What a pretrained run provides: its weights and batch statistics (not RNG streams, not LoRA adapters).
-WEIGHTS = (nnx.Param, Frozen, nnx.BatchStat)
+# What a pretrained run provides: its weights, batch statistics and pruning masks (not RNG streams, not LoRA
+# adapters).
+WEIGHTS = (nnx.Param, Frozen, nnx.BatchStat, PruneMask)
 
 
 def _weights(state: nnx.State) -> dict:
@@ -36,8 +38,8 @@ def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
     if base.model.name != cfg.model.name:
         raise ConfigError(f"{key}: that run trained model={base.model.name}, this one is model={cfg.model.name}; "
                           f"fine-tune with the same model")
-    ours = _weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora)))
-    theirs = _weights(nnx.state(abstract_model(base.model, spec, base.seed)))
+    ours = _weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune)))
+    theirs = _weights(nnx.state(abstract_model(base.model, spec, base.seed, prune=base.prune)))
     problems = [f"{_path(p)}: missing there" for p in ours if p not in theirs]
     problems += [f"{_path(p)}: not in this model" for p in theirs if p not in ours]
     problems += [f"{_path(p)}: shape {tuple(theirs[p].shape)} there, {tuple(v.shape)} here"
@@ -49,6 +51,18 @@ def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
                           f"{f'; and {len(problems) - 4} more' if len(problems) > 4 else ''}). "
                           f"{'Differences: ' + '; '.join(differ) + '. ' if differ else ''}"
                           f"Use that run's model config (in {os.path.join(run_dir, 'config.yaml')}).")
+
+
+def inherit_prune(cfg: Config, run_dir: str) -> None:
+    """A run that starts from a pruned run (experiments.prune) takes its prune settings, so that it carries the
+    masks and holds the pruned weights at zero. Nothing happens when `run_dir` is not a readable run (load_pretrained
+    reports that)."""
+    try:
+        base = load_saved(run_dir)
+    except (CheckpointError, ConfigError):
+        return
+    if base.prune.sparsity and not cfg.prune.sparsity:
+        cfg.prune = base.prune
 
 
 def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):

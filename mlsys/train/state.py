@@ -8,6 +8,7 @@ from flax import nnx, struct
 
 from mlsys.models import build_model
 from mlsys.models.lora import LoRAConfig, add_lora
+from mlsys.models.prune import PruneConfig, add_masks
 from mlsys.parallel import check_param_names, param_shardings
 from mlsys.spec import DataSpec
 
@@ -26,29 +27,35 @@ def split_model(model: nnx.Module, train: bool):
     return nnx.split(view, nnx.Param, ...)
 
 
-def new_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None) -> nnx.Module:
+def new_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None,
+              prune: PruneConfig | None = None) -> nnx.Module:
     """The model a config describes; with lora.rank > 0, adapters on its linear layers and the rest frozen (only
-    the adapters are nnx.Param, so only they are trained)."""
+    the adapters are nnx.Param, so only they are trained); with prune.sparsity > 0, a mask beside every prunable
+    kernel (mlsys.models.prune)."""
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     model = build_model(model_cfg, spec, rngs)
+    if prune is not None and prune.sparsity:
+        model = add_masks(model)
     return add_lora(model, lora, rngs) if lora is not None and lora.rank else model
 
 
-def abstract_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None):
+def abstract_model(model_cfg, spec: DataSpec, seed: int, lora: LoRAConfig | None = None,
+                   prune: PruneConfig | None = None):
     """The model's structure without allocating it."""
-    return nnx.eval_shape(lambda: new_model(model_cfg, spec, seed, lora))
+    return nnx.eval_shape(lambda: new_model(model_cfg, spec, seed, lora, prune))
 
 
-def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict, lora: LoRAConfig | None = None):
+def create_state(model_cfg, spec: DataSpec, seed: int, tx, mesh, rules: dict, lora: LoRAConfig | None = None,
+                 prune: PruneConfig | None = None):
     """Returns (train graphdef, eval graphdef, state, state shardings). The state is born sharded: its shapes come
     from eval_shape, its shardings from the parameters' logical names, and jit(init, out_shardings=...) creates
     each shard on its own device. Nothing is ever built whole on one device."""
-    abstract = abstract_model(model_cfg, spec, seed, lora)
+    abstract = abstract_model(model_cfg, spec, seed, lora, prune)
     train_def, _, _ = split_model(abstract, train=True)
     eval_def, _, _ = split_model(abstract, train=False)
 
     def init() -> TrainState:
-        model = new_model(model_cfg, spec, seed, lora)
+        model = new_model(model_cfg, spec, seed, lora, prune)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
 
