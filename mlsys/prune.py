@@ -5,6 +5,7 @@
 import json
 import os
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -27,8 +28,9 @@ def _flat(state) -> dict:
 def prune_run(run_dir: str, sparsity: float, method: str = "magnitude", out: str | None = None) -> dict:
     """Prune `run_dir`'s newest checkpoint; returns {"run_dir", "sparsity", "before", "after", ...}: held-out
     metrics of the dense and the pruned model (no fine-tuning)."""
-    from mlsys.train.build import build, restore_trainer
+    from mlsys.train.build import build, restore_model
     from mlsys.train.loop import evaluate
+    from mlsys.train.step import make_eval_step
 
     cfg_prune = PruneConfig(sparsity=sparsity, method=method)
     check(cfg_prune, key="prune")
@@ -49,7 +51,8 @@ def prune_run(run_dir: str, sparsity: float, method: str = "magnitude", out: str
     one = replace(base, mesh=MeshConfig(), trainer=replace(base.trainer, step="jit", grad_accum=1))
     dataset = data.load(one.data, one.seed)
     mesh = make_mesh(one.mesh)
-    dense_run, dense, step = restore_trainer(run_dir, one, dataset.spec, mesh, dataset)
+    eval_def, params, rest, step = restore_model(run_dir, one, dataset.spec, mesh)
+    dense = SimpleNamespace(params=params, rest=rest)
     pruned_cfg = replace(one, prune=cfg_prune)
     run = build(pruned_cfg, dataset.spec, mesh, one.trainer.steps)  # the masked model: all-ones masks
 
@@ -71,7 +74,7 @@ def prune_run(run_dir: str, sparsity: float, method: str = "magnitude", out: str
                  v.replace(found[p].get_value()) if p in found else v) for p, v in nnx.to_flat_state(st)]
         return nnx.from_flat_state(flat)
 
-    state = run.state.replace(step=dense.step, params=fill(run.state.params), rest=fill(run.state.rest))
+    state = run.state.replace(step=jax.numpy.asarray(step, jax.numpy.int32), params=fill(run.state.params), rest=fill(run.state.rest))
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, run.state))
 
     def put(batch):
@@ -82,7 +85,7 @@ def prune_run(run_dir: str, sparsity: float, method: str = "magnitude", out: str
     with jax.set_mesh(mesh):
         for split in ("val", "test"):
             if split in dataset.splits:
-                results["before"][split] = evaluate(dense_run.eval_step, dense, dataset.splits[split], one, put)
+                results["before"][split] = evaluate(jax.jit(make_eval_step(eval_def)), dense, dataset.splits[split], one, put)
                 results["after"][split] = evaluate(run.eval_step, state, dataset.splits[split], pruned_cfg, put)
 
     # The new run dir: config (the original mesh and trainer, with the prune settings), checkpoint, metrics, env.

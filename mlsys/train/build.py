@@ -44,7 +44,7 @@ def restore_model(run_dir: str, cfg, spec, mesh: jax.sharding.Mesh, step: int | 
     """A saved run's weights (parameters, batch statistics, frozen and LoRA weights, RNG streams) placed on `mesh`
     by `cfg.mesh.param_rules`, from its newest readable checkpoint (or `step`), whatever number of processes and
     mesh wrote it; the optimizer state and data position are not read. Returns (eval graphdef, params, rest, step)."""
-    eval_def, params, rest = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora), train=False)
+    eval_def, params, rest = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune), train=False)
     abstract = {"params": params, "rest": rest}
     shardings = param_shardings(abstract, mesh, cfg.mesh.param_rules)
     weights, step = checkpoint.restore_weights(run_dir, checkpoint.abstract_like(abstract, shardings), step)
