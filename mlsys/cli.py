@@ -44,7 +44,8 @@ def summary(name: str, steps: int, seconds: float, results: dict, run_dir: str) 
     for split in ("train", "val", "test"):
         if split in results:
             m = results[split]
-            lines.append(f"  {split:<5}  loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}")
+            bpb = f"  bits/byte {m['bits_per_byte']:.4f}" if "bits_per_byte" in m else ""
+            lines.append(f"  {split:<5}  loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}{bpb}")
     if "cost" in results:
         from mlsys.cost import describe
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlsys.tokenizer import from_vocab
+
 
 @partial(jax.jit, static_argnames=("graphdef", "length", "block_size", "top_k"))
 def generate(graphdef, params, rest, prompt: jax.Array, key: jax.Array, *, length: int, block_size: int,
@@ -32,13 +34,10 @@ def generate(graphdef, params, rest, prompt: jax.Array, key: jax.Array, *, lengt
 
 
 def decode(tokens, vocab: dict) -> str:
-    if vocab.get("chars") is None:
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
-    return "".join(vocab["chars"][int(t)] for t in tokens)
+    """Text of token ids, for a char/byte vocabulary (vocab.json); mlsys.tokenizer holds the logic."""
+    return from_vocab(vocab).decode(tokens)
 
 
 def encode(text: str, vocab: dict) -> list[int]:
-    if vocab.get("chars") is None:
-        return list(text.encode("utf-8"))
-    lookup = {c: i for i, c in enumerate(vocab["chars"])}
-    return [lookup[c] for c in text if c in lookup]
+    """Token ids of text, for a char/byte vocabulary (characters outside it are dropped)."""
+    return from_vocab(vocab).encode(text).tolist()

@@ -4,6 +4,7 @@ value and a fix."""
 
 import math
 
+from mlsys.data.corpus import check_lm_data
 from mlsys.data.sources import CONFIGS as DATA_CONFIGS
 from mlsys.errors import check, one_of
 from mlsys.models import REGISTRY
@@ -20,7 +21,7 @@ TASKS = {"lm": "language-modelling", "classify": "classification"}
 
 
 def data_task(data) -> str:
-    if data.name == "text":
+    if data.name in ("text", "corpus"):
         return "lm"
     if data.name == "synthetic":
         return data.task
@@ -78,10 +79,12 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     _check(d.eval_batch_size >= 0, "data.eval_batch_size", d.eval_batch_size, "must be >= 0 (0 = data.batch_size)")
     _check(d.eval_batches >= 0, "data.eval_batches", d.eval_batches, "must be >= 0 (0 = the whole split)")
     _check(getattr(d, "split_seed", 0) >= 0, "data.split_seed", getattr(d, "split_seed", 0), "must be >= 0")
-    if d.name in ("text", "synthetic"):
+    if d.name in ("text", "synthetic", "corpus"):
         _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     if d.name == "text":
         _one_of("data.level", d.level, ("char", "byte"))
+    if d.name in ("text", "corpus"):  # tokenizer, packing, files: mlsys/data/corpus.py
+        check_lm_data(d)
     if d.name == "synthetic":
         _one_of("data.task", d.task, ("lm", "classify"))
     for key in ("val_fraction", "test_fraction"):
@@ -142,8 +145,8 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
 
 
 SPLIT_METRICS = {"val": ("loss", "accuracy", "bits_per_byte"), "test": ("loss", "accuracy", "bits_per_byte"),
-                 "train": ("loss", "accuracy", "bits_per_byte", "grad_norm", "lr", "step_time_ms", "examples_per_s", "tokens_per_s",
-                           "mfu")}
+                 "train": ("loss", "accuracy", "bits_per_byte", "grad_norm", "lr", "step_time_ms", "examples_per_s",
+                           "tokens_per_s", "mfu")}
 
 
 def check_objective(s, d) -> None:

@@ -84,7 +84,7 @@ def test_text_missing_file(tmp_path):
 def test_text_not_utf8(tmp_path):
     p = tmp_path / "latin1.txt"
     p.write_bytes("café ".encode("latin-1") * 100)
-    with pytest.raises(DataError, match="is not UTF-8.*data.level=byte"):
+    with pytest.raises(DataError, match="is not UTF-8.*data.tokenizer=byte"):
         load(TextConfig(path=str(p)), 0)
     assert load(TextConfig(path=str(p), level="byte", seq_len=8), 0).spec.num_classes == 256
 

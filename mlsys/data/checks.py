@@ -62,7 +62,6 @@ def read_npz(cfg) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-
 def check_batches(splits: dict, cfg) -> None:
     """Batches the splits can fill, known once the data is read: a training batch larger than the training split
     never completes (the pipeline drops the incomplete batch of every epoch and would spin on empty epochs); an
@@ -75,3 +74,11 @@ def check_batches(splits: dict, cfg) -> None:
         if cfg.eval_batch_size and name in splits and cfg.eval_batch_size > len(splits[name]):
             raise ConfigError(f"data.eval_batch_size={cfg.eval_batch_size}: larger than the {name} split of "
                               f"data={cfg.name} ({len(splits[name])} examples); use at most {len(splits[name])}")
+
+
+def check_vocab(model_cfg, spec) -> None:
+    """A language model must have an output for every id the tokenizer produces."""
+    v = getattr(model_cfg, "vocab_size", 0)
+    if spec.task == "lm" and v and v < spec.num_classes:
+        raise DataError(f"model.vocab_size={v} is smaller than the tokenizer's vocabulary ({spec.num_classes} ids); "
+                        f"set model.vocab_size=0 (= the tokenizer's) or >= {spec.num_classes}")

@@ -3,6 +3,7 @@ generator and its settings) and of the split settings. Recorded in env.json, the
 `trainer.resume` and `trainer.init_from` warn, naming the files, when the data changed since. A data path that DVC
 tracks (a `<path>.dvc` file beside it) records DVC's own hash too, read from that YAML file. Nothing is copied."""
 
+import glob
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import yaml
 log = logging.getLogger("mlsys")
 
 # Keys that say how the data is read, not what it is: they do not change the fingerprint.
-READING = {"batch_size", "eval_batch_size", "eval_batches", "num_workers", "prefetch"}
+READING = {"batch_size", "eval_batch_size", "eval_batches", "num_workers", "prefetch", "workers", "cache_dir"}
 # Keys that decide which example lands in which split.
 SPLIT = {"val_fraction", "test_fraction", "split_seed"}
 GENERATED = {"synthetic": "mlsys.data.sources.SyntheticSource v1"}  # bump when the generator's output changes
@@ -67,7 +68,7 @@ def dvc_hash(path: str) -> dict | None:
 
 
 def _path_key(key: str) -> bool:
-    return key == "path" or key.endswith(("_path", "_paths", "files", "_dir"))
+    return key in ("path", "paths") or key.endswith(("_path", "_paths", "files", "_dir"))
 
 
 def data_files(cfg) -> list[str]:
@@ -79,10 +80,14 @@ def data_files(cfg) -> list[str]:
         return [str(resources.files("sklearn.datasets") / "data" / "digits.csv.gz")]
     found = []
     for key, value in asdict(cfg).items():
+        if key in READING:  # where caches go is not what the data is
+            continue
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and _path_key(key):
                 p = resolve_path(v)
-                if os.path.exists(p):
+                if glob.has_magic(p):  # data=corpus globs: the files they match
+                    found += [os.path.abspath(h) for h in sorted(glob.glob(p, recursive=True)) if os.path.isfile(h)]
+                elif os.path.exists(p):
                     found.append(os.path.abspath(p))
     return found
 

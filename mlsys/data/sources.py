@@ -1,7 +1,6 @@
 """Data sources: each turns its config into random-access splits of {"inputs", "targets"} examples plus the
 DataSpec the model is built for. Deterministic: the same config gives the same examples in the same order."""
 
-import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -9,8 +8,10 @@ from importlib import resources
 import numpy as np
 
 from mlsys.data.checks import read_npz
+from mlsys.data.packing import ConcatSource
 from mlsys.errors import DataError
 from mlsys.spec import DataSpec
+from mlsys.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_file, train_bpe
 
 SHIPPED_CORPUS = "tinyshakespeare.txt"  # in mlsys/assets, public domain
 
@@ -36,8 +37,29 @@ class TextConfig(DataConfig):
     name: str = "text"
     path: str = SHIPPED_CORPUS  # a UTF-8 file; the bare name of a file in mlsys/assets also works
     level: str = "char"  # "char" (vocabulary = the file's characters) or "byte" (256 symbols)
+    tokenizer: str = ""  # char | byte | bpe | <path to a tokenizer.json>; "" = data.level (see mlsys/tokenizer.py)
+    vocab_size: int = 1024  # tokenizer=bpe: ids of the trained BPE (256 bytes + 3 specials + merges)
+    cache_dir: str = "~/.cache/mlsys/data"  # trained tokenizers (and data=corpus token caches) are kept here
     seq_len: int = 64
     val_fraction: float = 0.1  # the last part of the file
+
+
+@dataclass
+class CorpusConfig(DataConfig):
+    """Your own text files, tokenized once into a token cache (mlsys/data/corpus.py)."""
+
+    name: str = "corpus"
+    paths: list[str] = field(default_factory=lambda: ["???"])  # files or globs: .txt, .jsonl, .parquet
+    text_field: str = "text"  # .jsonl / .parquet: the field holding each document's text
+    txt_docs: str = "paragraph"  # .txt: a document is a "paragraph" (blank-line separated), a "line" or the "file"
+    tokenizer: str = "bpe"  # char | byte | bpe | <path to a tokenizer.json>
+    vocab_size: int = 1024  # tokenizer=bpe: ids of the trained BPE (256 bytes + 3 specials + merges)
+    seq_len: int = 256
+    packing: str = "concat"  # "concat" (joined with EOS, windows anywhere) or "segments" (one document per segment)
+    val_fraction: float = 0.05  # held-out documents (evenly spread); ignored when val_paths is set
+    val_paths: list[str] = field(default_factory=list)  # held-out files instead of a fraction
+    cache_dir: str = "~/.cache/mlsys/data"  # token caches and trained tokenizers, keyed by content
+    workers: int = 0  # tokenizing processes; 0 = one per CPU core, 1 = in this process
 
 
 @dataclass
@@ -62,7 +84,8 @@ class ArraysConfig(DataConfig):
     split_seed: int = 0
 
 
-CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "synthetic": SyntheticConfig, "arrays": ArraysConfig}
+CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "corpus": CorpusConfig, "synthetic": SyntheticConfig,
+           "arrays": ArraysConfig}
 
 
 @dataclass
@@ -70,6 +93,7 @@ class Dataset:
     spec: DataSpec
     splits: dict  # name -> random-access source (len, getitem -> {"inputs", "targets"})
     meta: dict = field(default_factory=dict)  # saved into the run dir (e.g. the vocabulary)
+    tokenizer: Tokenizer | None = None  # language models: the run's tokenizer (saved into the run dir)
 
 
 class ArraySource:
@@ -85,18 +109,6 @@ class ArraySource:
         return {"inputs": self.inputs[i], "targets": self.targets[i]}
 
 
-class WindowSource:
-    """Every window of seq_len + 1 consecutive tokens: inputs are the first seq_len, targets the next ones."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-
-    def __len__(self) -> int:
-        return len(self.tokens) - self.seq_len
-
-    def __getitem__(self, i):
-        w = self.tokens[i: i + self.seq_len + 1].astype(np.int32)
-        return {"inputs": w[:-1], "targets": w[1:]}
 
 
 class SyntheticSource:
@@ -156,28 +168,49 @@ def load_text(cfg: TextConfig) -> Dataset:
     if not raw:
         raise DataError(f"data.path={cfg.path!r}: the file is empty (0 bytes); give a UTF-8 text file of at least "
                         f"data.seq_len + 2 = {cfg.seq_len + 2} characters")
-    if cfg.level == "byte":
-        tokens, vocab = np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), None
+    kind = cfg.tokenizer or cfg.level
+    if kind == "byte":
+        tok = ByteTokenizer()
+        parts = split_tail(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), cfg.val_fraction)
     else:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise DataError(f"data.path={cfg.path!r} is not UTF-8 (line {line}, byte {e.start}: {e.reason}); "
-                            f"convert it, or use data.level=byte") from None
-        vocab = sorted(set(text))
-        lookup = {ch: i for i, ch in enumerate(vocab)}
-        tokens = np.fromiter((lookup[ch] for ch in text), dtype=np.uint16, count=len(text))
-    n_val = int(len(tokens) * cfg.val_fraction)
-    parts = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
+                            f"convert it, or use data.tokenizer=byte") from None
+        if kind == "char":
+            tok = CharTokenizer(sorted(set(text)))
+            parts = split_tail(tok.encode(text).astype(np.uint16), cfg.val_fraction)
+        else:  # the split is cut in the text, then each part tokenized; BPE learns from the training part only
+            cut = len(text) - int(len(text) * cfg.val_fraction)
+            tok = (train_bpe([text[:cut]], cfg.vocab_size, cfg.cache_dir, text_digest(raw, cut)) if kind == "bpe"
+                   else load_file(kind))
+            parts = {"train": tok.encode(text[:cut]).astype(tok.dtype), "val": tok.encode(text[cut:]).astype(tok.dtype)}
+    n_val = len(parts["val"])
     for name, part in parts.items():
         if len(part) < cfg.seq_len + 2 and (name == "train" or n_val):
             raise DataError(f"data.path={cfg.path!r}: the {name} split has {len(part)} tokens, fewer than "
                             f"data.seq_len + 2 = {cfg.seq_len + 2}; use a longer file or a smaller data.seq_len")
-    splits = {k: WindowSource(v, cfg.seq_len) for k, v in parts.items() if len(v) >= cfg.seq_len + 2}
-    spec = DataSpec("lm", (cfg.seq_len,), "int32", 256 if vocab is None else len(vocab))
-    meta = {"vocab": {"level": cfg.level, "chars": vocab}, "source": os.path.abspath(path)}
-    return Dataset(spec, splits, meta)
+    splits = {k: ConcatSource(v, cfg.seq_len, token_bytes=tok.token_bytes) for k, v in parts.items()
+              if len(v) >= cfg.seq_len + 2}
+    spec = DataSpec("lm", (cfg.seq_len,), "int32", tok.vocab_size)
+    meta = {"tokenizer": tok.describe(), "source": os.path.abspath(path)}
+    if kind in ("char", "byte"):
+        meta["vocab"] = {"level": kind, "chars": getattr(tok, "chars", None)}
+    return Dataset(spec, splits, meta, tok)
+
+
+def split_tail(tokens: np.ndarray, val_fraction: float) -> dict:
+    n_val = int(len(tokens) * val_fraction)
+    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
+
+
+def text_digest(raw: bytes, cut: int) -> str:
+    """Identifies a BPE's training text (the file's first `cut` characters) for the tokenizer cache."""
+    import hashlib
+
+    return hashlib.sha256(raw + str(cut).encode()).hexdigest()[:16]
 
 
 def load_synthetic(cfg: SyntheticConfig, seed: int) -> Dataset:
@@ -200,12 +233,16 @@ def load(cfg, seed: int) -> Dataset:
         return load_digits(cfg)
     if cfg.name == "text":
         return load_text(cfg)
+    if cfg.name == "corpus":
+        from mlsys.data.corpus import load_corpus
+
+        return load_corpus(cfg)
     if cfg.name == "synthetic":
         return load_synthetic(cfg, seed)
     return load_arrays(cfg)
 
 
 def save_meta(ds: Dataset, run_dir: str) -> None:
-    if "vocab" in ds.meta:
-        with open(os.path.join(run_dir, "vocab.json"), "w") as f:
-            json.dump(ds.meta["vocab"], f)
+    """The run's tokenizer into its run dir: vocab.json (char, byte) or tokenizer.json (bpe, a file)."""
+    if ds.tokenizer is not None:
+        ds.tokenizer.save(run_dir)

@@ -58,7 +58,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
         want = np.asarray(run.model(jax.numpy.asarray(x)))
         manifest = {
             "family": family.name, "model_config": asdict(run.cfg.model), "data": run.cfg.data.name,
-            "preprocessing": preprocessing(run), "source": {
+            "preprocessing": preprocessing(run, tmp), "source": {
                 "run_dir": run.run_dir, "step": run.step, "experiment": run.cfg.name,
                 "git": run.env.get("git"), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             "data_fingerprint": run.env.get("data"),  # what the model was trained on (mlsys.data.fingerprint)
@@ -102,10 +102,18 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
     return out
 
 
-def preprocessing(run: LoadedRun) -> dict:
-    meta = run.dataset.meta
-    if "vocab" in meta:
-        return {"kind": "tokens", "vocab": meta["vocab"], "max_length": family_of(run.cfg.model).max_len(run.cfg.model)}
+def preprocessing(run: LoadedRun, folder: str | None = None) -> dict:
+    """What a client does to its inputs. Language models: the run's tokenizer, copied into the export folder
+    (vocab.json or tokenizer.json, hashed and signed with the rest)."""
+    meta, tok = run.dataset.meta, run.dataset.tokenizer
+    if tok is not None:
+        if folder:
+            tok.save(folder)
+        out = {"kind": "tokens", "tokenizer": tok.describe(),
+               "max_length": family_of(run.cfg.model).max_len(run.cfg.model)}
+        if "vocab" in meta:
+            out["vocab"] = meta["vocab"]
+        return out
     return {"kind": "array", "input_shape": list(run.dataset.spec.input_shape), "dtype": "float32",
             "normalization": meta.get("normalization", "none")}
 

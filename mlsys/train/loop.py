@@ -14,7 +14,7 @@ from tqdm import tqdm
 from mlsys import checkpoint, cost, data, sample
 from mlsys.accel import log_platform
 from mlsys.config import Config, validate
-from mlsys.data.checks import check_batches
+from mlsys.data.checks import check_batches, check_vocab
 from mlsys.data.fingerprint import fingerprint, warn_if_changed
 from mlsys.errors import Preempted
 from mlsys.models import family_of, lora
@@ -74,6 +74,7 @@ def train(cfg: Config, run_dir: str) -> dict:
     dataset = data.load(d, cfg.seed)
     check_fits(cfg.model, dataset.spec, d)  # a user's file against the model: known only once it is read
     check_batches(dataset.splits, d)
+    check_vocab(cfg.model, dataset.spec)
     data_fp = fingerprint(d, cfg.seed)  # what data this run sees; a continued run is warned when it changed
     if resume_dir or t.init_from:
         warn_if_changed(data_fp, resume_dir or t.init_from, "trainer.resume" if resume_dir else "trainer.init_from")
@@ -221,7 +222,7 @@ def train(cfg: Config, run_dir: str) -> dict:
             if split in dataset.splits:
                 results[split] = evaluate(eval_step, state, dataset.splits[split], cfg, put)
                 tracker.log(step, split, results[split])
-        if dataset.spec.task == "lm" and t.sample_chars and "vocab" in dataset.meta:
+        if dataset.spec.task == "lm" and t.sample_chars and dataset.tokenizer is not None:
             results["sample"] = draw_sample(run.eval_def, state, dataset, cfg)
     results["cost"] = record_cost(preempted=False)
     tracker.close()
@@ -264,10 +265,10 @@ class PreemptionWatch:
 
 
 def draw_sample(eval_def, state, dataset, cfg: Config) -> str:
-    vocab = dataset.meta["vocab"]
-    prompt = sample.encode("\n", vocab) or [0]
+    tok = dataset.tokenizer  # the run's own (saved beside it): what the data was tokenized with
+    prompt = tok.encode("\n").tolist() or [tok.specials.get("eos", tok.specials.get("bos", 0))]
     block = family_of(cfg.model).max_len(cfg.model) or cfg.data.seq_len
     tokens = sample.generate(eval_def, state.params, state.rest, jnp.asarray(prompt, jnp.int32),
                              jax.random.key(cfg.seed), length=cfg.trainer.sample_chars, block_size=block,
                              temperature=cfg.trainer.sample_temperature, top_k=cfg.trainer.sample_top_k)
-    return sample.decode(np.asarray(tokens)[len(prompt):], vocab)
+    return tok.decode(np.asarray(tokens)[len(prompt):])
