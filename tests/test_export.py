@@ -48,13 +48,16 @@ def runs(tmp_path_factory):
 def test_export_every_family_with_parity(runs, tmp_path, family):
     out = export_run(runs[family], out=str(tmp_path / "export"), quantize="int8")
     m = verify(out)
+    tokenizer = {"vocab.json"} if family == "gpt" else set()  # the run's tokenizer travels with the model
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2",
-                               "reference_stats.json"}
+                               "reference_stats.json", *tokenizer}
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
     assert m["family"] == family and m["source"]["step"] > 0 and m["source"]["run_dir"] == runs[family]
     sess = ort_session(os.path.join(out, "model.onnx"))
     if family == "gpt":  # batch and sequence length are both symbolic
         assert m["onnx"]["inputs"][0]["shape"] == ["B", "T"] and m["preprocessing"]["vocab"]["chars"]
+        assert m["preprocessing"]["tokenizer"] == {"kind": "char", "vocab_size": 65, "specials": {},
+                                                   "file": "vocab.json"}
         for b, t in [(1, 5), (3, 16)]:
             assert ort_run(sess, np.zeros((b, t), np.int32)).shape == (b, t, 65)
     else:
