@@ -46,7 +46,8 @@ def test_custom_model_trains_resumes_and_exports(case, train_tiny, tmp_path):
     assert m["parity"]["onnx_max_abs_diff"] < 1e-4 and m["source"]["step"] == 6
 
 
-def test_linen_dropout_and_batch_statistics_follow_the_mode():
+@pytest.mark.parametrize("cls", ["LinenNet", "LinenFieldNet"])  # the mode as a call argument, or as a field
+def test_linen_dropout_and_batch_statistics_follow_the_mode(cls):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -55,7 +56,7 @@ def test_linen_dropout_and_batch_statistics_follow_the_mode():
     from mlsys.spec import DataSpec
     from mlsys.train.state import split_model
 
-    model = build_model(CustomConfig(target=f"{FIXTURES}:LinenNet", kwargs={"width": 8}),
+    model = build_model(CustomConfig(target=f"{FIXTURES}:{cls}", kwargs={"width": 8} if cls == "LinenNet" else {}),
                         DataSpec("classify", (8, 8, 1), "float32", 10), nnx.Rngs(params=0, dropout=1))
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
 

@@ -17,6 +17,7 @@ from flax import linen, nnx
 
 from mlsys.errors import ConfigError, check
 from mlsys.models.family import Family, register
+from mlsys.models.linen import TRAIN_ARGS, from_linen
 from mlsys.spec import DataSpec
 
 
@@ -63,8 +64,8 @@ def import_target(target: str) -> type:
 def parameters(cls: type) -> list[inspect.Parameter]:
     """The constructor's parameters as a user passes them (Linen: the dataclass fields but parent and name)."""
     if issubclass(cls, linen.Module):
-        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                  default=None if _has_default(f) else inspect.Parameter.empty)
+        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,  # a mode field is set per mode
+                                  default=None if _has_default(f) or f.name in TRAIN_ARGS else inspect.Parameter.empty)
                 for f in dataclasses.fields(cls) if f.init and f.name not in LINEN_FIELDS]
     return list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
 
@@ -111,8 +112,6 @@ def build(cfg: CustomConfig, spec: DataSpec, rngs: nnx.Rngs) -> nnx.Module:
     cls = import_target(cfg.target)
     args = arguments(cfg, cls, spec)
     if issubclass(cls, linen.Module):
-        from mlsys.models.linen import from_linen
-
         return from_linen(cls, args, spec, rngs, cfg.target)
     takes_rngs = any(p.name == "rngs" or p.kind == p.VAR_KEYWORD for p in parameters(cls))
     try:
