@@ -87,6 +87,8 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
         check_lm_data(d)
     if d.name == "synthetic":
         _one_of("data.task", d.task, ("lm", "classify"))
+    if hasattr(d, "augment"):  # image sources (data=images, data=hf)
+        check_images(d)
     for key in ("val_fraction", "test_fraction"):
         if hasattr(d, key):
             _check(0 <= getattr(d, key) < 1, f"data.{key}", getattr(d, key), "must be in [0, 1)")
@@ -142,6 +144,19 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
            "adapts a trained model: set trainer.init_from=<run dir> (a run of the same model)")
     # the objective a run returns (to a sweeper): a metric this run will log
     check_objective(cfg.sweep, d)
+
+
+def check_images(d) -> None:
+    from mlsys.data.hf import FORMATS
+    from mlsys.data.images import AUGMENTS
+
+    _check(d.image_size >= 0, "data.image_size", d.image_size, "must be >= 0 (0 = as stored), e.g. 32")
+    for a in d.augment:
+        _one_of("data.augment", a, AUGMENTS)
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+           d.crop_scale, "must be [min, max] area fractions with 0 < min <= max <= 1, e.g. [0.25,1.0]")
+    if d.name == "hf":
+        _one_of("data.format", d.format, FORMATS)
 
 
 SPLIT_METRICS = {"val": ("loss", "accuracy", "bits_per_byte"), "test": ("loss", "accuracy", "bits_per_byte"),

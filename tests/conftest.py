@@ -31,6 +31,9 @@ TINY = {
                          "model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.seq_len=16",
                          "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20"],
 }
+TINY["digits_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.stages=[1]", "model.width=8"]
+TINY["images_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.depth=0", "model.stages=[1]",
+                         "model.width=8", "data.image_size=16", "data.batch_size=16"]
 # Presets that fine-tune another preset's run (trainer.init_from): the tests train that one first.
 BASE = {"shakespeare_char_lora": "shakespeare_char"}
 TINY["shakespeare_char_lora"] = TINY["shakespeare_char"]
@@ -46,9 +49,27 @@ def typed_cfg(overrides: list[str]):
     return to_typed(compose_cfg(overrides))
 
 
+_image_folder = []
+
+
+def image_folder() -> str:
+    """A small labelled folder of PNGs (3 classes x 20, 16x16 RGB), generated once per session."""
+    if not _image_folder:
+        import tempfile
+
+        from tests.fixtures.images import make_image_folder
+
+        _image_folder.append(make_image_folder(os.path.join(tempfile.mkdtemp(prefix="mlsys-images-"), "images")))
+    return _image_folder[0]
+
+
+# Presets that read data the tests generate.
+DATA = {"images_resnet": lambda: [f"data.path={image_folder()}"]}
+
+
 def tiny(exp: str | None, *extra: str) -> list[str]:
     """Overrides for a tiny run of a preset (or of the root config when exp is None)."""
-    preset = [f"+exp={exp}", *TINY[exp]] if exp else []
+    preset = [f"+exp={exp}", *TINY[exp], *(DATA[exp]() if exp in DATA else [])] if exp else []
     return [*preset, "logger=jsonl", "trainer.progress=false", *extra]
 
 

@@ -25,7 +25,7 @@ CATALOGUE = [
     # names
     ([MLP, "trainer.stepz=5"], "Could not override 'trainer.stepz'"),
     ([MLP, "+optim.foo=1"], "optim.foo: no such key in OptimConfig"),
-    ([MLP, "model=resnet"], "Could not find 'model/resnet'"),
+    ([MLP, "model=resnext"], "Could not find 'model/resnext'"),
     (["+exp=nope"], "Could not find 'exp/nope'"),
     ([MLP, "optim.name=adagrad"], "optim.name='adagrad': must be one of ['adamw', 'sgd']"),
     ([MLP, "optim.decay=exp"], "optim.decay='exp': must be one of ['cosine', 'linear', 'constant']"),

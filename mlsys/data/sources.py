@@ -1,6 +1,7 @@
 """Data sources: each turns its config into random-access splits of {"inputs", "targets"} examples plus the
 DataSpec the model is built for. Deterministic: the same config gives the same examples in the same order."""
 
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -86,6 +87,12 @@ class ArraysConfig(DataConfig):
 
 CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "corpus": CorpusConfig, "synthetic": SyntheticConfig,
            "arrays": ArraysConfig}
+LOADERS = {}  # name -> load(cfg, seed) -> Dataset; filled below and by register()
+
+
+def register(name: str, config: type, loader) -> None:
+    """Add a source: `data=<name>` selects `config` (a DataConfig subclass) and `loader(cfg, seed)` reads it."""
+    CONFIGS[name], LOADERS[name] = config, loader
 
 
 @dataclass
@@ -130,14 +137,14 @@ class SyntheticSource:
                 "targets": np.int32(rng.integers(0, c.num_classes))}
 
 
-def _split_rows(n: int, val: float, test: float, seed: int) -> dict:
+def split_rows(n: int, val: float, test: float, seed: int) -> dict:
     order = np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(round(n * test)), int(round(n * val))
     return {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
 
 
 def _array_dataset(x: np.ndarray, y: np.ndarray, cfg, task_meta: dict) -> Dataset:
-    rows = _split_rows(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    rows = split_rows(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     splits = {k: ArraySource(x[r], y[r]) for k, r in rows.items() if len(r)}
     spec = DataSpec("classify", tuple(x.shape[1:]), str(x.dtype), int(y.max()) + 1)
     return Dataset(spec, splits, task_meta)
@@ -229,20 +236,24 @@ def load_arrays(cfg: ArraysConfig) -> Dataset:
 
 def load(cfg, seed: int) -> Dataset:
     """The dataset a `data` config describes."""
-    if cfg.name == "digits":
-        return load_digits(cfg)
-    if cfg.name == "text":
-        return load_text(cfg)
-    if cfg.name == "corpus":
-        from mlsys.data.corpus import load_corpus
+    return LOADERS[cfg.name](cfg, seed)
 
-        return load_corpus(cfg)
-    if cfg.name == "synthetic":
-        return load_synthetic(cfg, seed)
-    return load_arrays(cfg)
+
+def _load_corpus(cfg, seed: int) -> Dataset:
+    from mlsys.data.corpus import load_corpus
+
+    return load_corpus(cfg)
+
+
+LOADERS.update(digits=lambda cfg, seed: load_digits(cfg), text=lambda cfg, seed: load_text(cfg),
+               corpus=_load_corpus, synthetic=load_synthetic, arrays=lambda cfg, seed: load_arrays(cfg))
 
 
 def save_meta(ds: Dataset, run_dir: str) -> None:
-    """The run's tokenizer into its run dir: vocab.json (char, byte) or tokenizer.json (bpe, a file)."""
+    """The run's tokenizer into its run dir: vocab.json (char, byte) or tokenizer.json (bpe, a file); image
+    statistics of the training split: normalization.json."""
     if ds.tokenizer is not None:
         ds.tokenizer.save(run_dir)
+    if isinstance(ds.meta.get("normalization"), dict):
+        with open(os.path.join(run_dir, "normalization.json"), "w") as f:
+            json.dump(ds.meta["normalization"], f)

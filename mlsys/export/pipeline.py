@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from mlsys.export.manifest import verify, write_signed
+from mlsys.export.normalize import with_normalization
 from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
 from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
@@ -56,6 +57,9 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
     try:
         x = held_out(run)
         want = np.asarray(run.model(jax.numpy.asarray(x)))
+        # Image runs: ONNX takes [0, 1] pixels, the training statistics inside the graph (x_raw: those pixels).
+        onnx_model, to_raw = with_normalization(run.model, run.dataset.meta)
+        x_raw = to_raw(x)
         manifest = {
             "family": family.name, "model_config": asdict(run.cfg.model), "data": run.cfg.data.name,
             "preprocessing": preprocessing(run, tmp), "source": {
@@ -68,12 +72,12 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
             manifest["lora"] = {**asdict(run.cfg.lora), "merged": True, "init_from": run.cfg.trainer.init_from}
         max_len = family.max_len(run.cfg.model)
         if "onnx" in formats:
-            manifest["onnx"] = to_onnx(run.model, spec, os.path.join(tmp, "model.onnx"), max_len)
+            manifest["onnx"] = to_onnx(onnx_model, spec, os.path.join(tmp, "model.onnx"), max_len)
             fp32 = ort_session(os.path.join(tmp, "model.onnx"))
-            manifest["parity"]["onnx_max_abs_diff"] = parity("ONNX Runtime", ort_run(fp32, x), want, tol)
+            manifest["parity"]["onnx_max_abs_diff"] = parity("ONNX Runtime", ort_run(fp32, x_raw), want, tol)
             manifest["formats"].append("onnx")
             if quantize == "int8":
-                manifest["int8"] = int8(run, tmp, fp32)
+                manifest["int8"] = int8(run, tmp, fp32, to_raw)
                 manifest["formats"].append("onnx-int8")
         if "torch" in formats:
             if "torch" in family.mirrors:
@@ -89,7 +93,7 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                       f"exists for {', '.join(mirrored)})")
         if run.cfg.prune.sparsity:  # the zeros stay in the files; how far they compress
             manifest["pruning"] = {**asdict(run.cfg.prune), **pruning_report(run.model, tmp)}
-        manifest["reference_stats"] = write_reference(run, tmp)
+        manifest["reference_stats"] = write_reference(run, tmp, to_raw)
         write_signed(tmp, manifest)
         verify(tmp)
     except BaseException:
@@ -114,14 +118,17 @@ def preprocessing(run: LoadedRun, folder: str | None = None) -> dict:
         if "vocab" in meta:
             out["vocab"] = meta["vocab"]
         return out
+    norm = meta.get("normalization", "none")
+    if isinstance(norm, dict):  # the ONNX model normalises: clients send the [0, 1] pixels
+        norm = {**norm, "in_onnx_model": True}
     return {"kind": "array", "input_shape": list(run.dataset.spec.input_shape), "dtype": "float32",
-            "normalization": meta.get("normalization", "none")}
+            "normalization": norm}
 
 
-def write_reference(run: LoadedRun, folder: str) -> str:
+def write_reference(run: LoadedRun, folder: str, to_raw=lambda x: x) -> str:
     """reference_stats.json: the training inputs' histograms (arrays) or token frequencies, for drift monitoring
     and input ranges in mlsys.serve; hashed and signed with the rest of the folder."""
-    x = spread_inputs(run.dataset.splits["train"])
+    x = to_raw(spread_inputs(run.dataset.splits["train"]))  # what the exported model takes
     kind = "tokens" if run.dataset.spec.task == "lm" else "array"
     stats = reference_stats(x, kind, run.dataset.spec.num_classes if kind == "tokens" else None)
     with open(os.path.join(folder, "reference_stats.json"), "w") as f:
@@ -129,14 +136,14 @@ def write_reference(run: LoadedRun, folder: str) -> str:
     return "reference_stats.json"
 
 
-def int8(run: LoadedRun, folder: str, fp32) -> dict:
+def int8(run: LoadedRun, folder: str, fp32, to_raw=lambda x: x) -> dict:
     src, dst = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
     quantize_int8(src, dst)
     q = ort_session(dst)
     info = {"size_ratio": os.path.getsize(src) / os.path.getsize(dst)}
     split = run.dataset.splits.get("test") or run.dataset.splits["val"]
     if run.dataset.spec.task == "classify":
-        xs = np.stack([split[i]["inputs"] for i in range(len(split))])
+        xs = to_raw(np.stack([split[i]["inputs"] for i in range(len(split))]))
         ys = np.stack([split[i]["targets"] for i in range(len(split))])
         info.update(accuracy_fp32=accuracy(ort_run(fp32, xs), ys), accuracy_int8=accuracy(ort_run(q, xs), ys),
                     examples=len(ys))

@@ -5,6 +5,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from mlsys import checkpoint
+from mlsys.data.augment import augmenter, with_augment
 from mlsys.optim import make_optimizer
 from mlsys.parallel import batch_sharding, param_shardings
 from mlsys.train.shard_step import make_shard_map_step
@@ -36,6 +37,9 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
                                    cfg.trainer.grad_accum, cfg.trainer.on_nan)
     else:
         step = make_train_step(train_def, tx, lr_schedule, cfg.trainer.grad_accum, cfg.trainer.on_nan)
+    # data.augment (image sources): the batch is augmented on the device, keyed on (seed, step, row).
+    d = cfg.data
+    step = with_augment(step, augmenter(getattr(d, "augment", []), getattr(d, "crop_scale", None), cfg.seed))
     train_step = jax.jit(step, in_shardings=(shardings, put), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(state, shardings, train_step, jax.jit(make_eval_step(eval_def)), eval_def, put, lr_schedule)
 

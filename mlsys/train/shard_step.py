@@ -8,7 +8,8 @@ its rows of the batch and its fsdp slice of every parameter and optimizer-state 
   3. reduce-scatter fsdp-sharded gradients over `fsdp` and sum over `data` (all-reduce the others over both),
      divided by the shard count → each device's slice of the gradient of the global mean loss;
   4. clip by the global norm (squared norms of the slices summed over `fsdp`) and update the local slices.
-Batch statistics are averaged over the shards; dropout draws a different mask on every shard.
+Batch norm normalises with the statistics of the whole global batch (pmean over the shards), as the jit step;
+dropout draws a different mask on every shard.
 """
 
 import jax
@@ -86,6 +87,9 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
             v.replace(jax.random.fold_in(v.get_value(), shard)) if is_key(v.get_value()) else v
             for v, d in zip(r_vars, rest_dims)])
         model = nnx.merge(graphdef, full, rest)
+        for _, m in nnx.iter_modules(model):  # batch norm: statistics of the global batch, as the jit step has them
+            if isinstance(m, nnx.BatchNorm):
+                m.axis_name = MANUAL
         with activation_sharding(None, None):  # inside the map the layout is explicit: no GSPMD constraints
             (loss, acc), grads = loss_and_grads(model, batch, grad_accum)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
