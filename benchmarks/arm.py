@@ -165,6 +165,77 @@ def arm_checkpoint(size: Size, steps: int, every: int = 25) -> dict:
             "blocked_fraction": save_ms / (every * step_ms)}
 
 
+def loop_config(size: Size, steps: int):
+    """The preset's config as `experiments.run` would train it for `steps` steps: its data pipeline, logging,
+    evaluation and checkpoint cadence (the log interval shortened only when `steps` holds fewer than 4 of them)."""
+    from hydra import compose, initialize_config_dir
+
+    from mlsys.config import register, to_typed
+
+    register()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = to_typed(compose(config_name="config", overrides=[*mlsys_overrides(size), f"trainer.steps={steps}"]))
+    cfg.trainer.log_every = min(cfg.trainer.log_every, max(1, steps // 4))
+    return cfg
+
+
+def arm_loop(size: Size, steps: int) -> dict:
+    """experiments.run's own loop (mlsys.train.train) end to end; steady-state ms/step is the median of the step
+    times it logged, leaving out the first log interval (warm-up). Evaluation is not step time (the loop itself
+    leaves it out); checkpoint saves and everything else the loop does per step are."""
+    import tempfile
+
+    from mlsys.train import train
+
+    cfg = loop_config(size, steps)
+    with tempfile.TemporaryDirectory() as run_dir:
+        t0 = time.perf_counter()
+        results = train(cfg, run_dir)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    times = [r["step_time_ms"] for r in rows if r.get("split") == "train" and "step_time_ms" in r][1:]
+    return {"compile_s": results["compile_seconds"], "ms_per_step": float(np.median(times)), "wall_s": wall,
+            "log_intervals": len(times), "log_every": cfg.trainer.log_every}
+
+
+def arm_loop_bare(size: Size, steps: int) -> dict:
+    """The same compiled step over the same batches as `arm_loop`, in a bare Python loop: the batches drawn from the
+    same grain pipeline and placed on the device beforehand, no logging, evaluation or checkpoints."""
+    import jax
+
+    from mlsys import data
+    from mlsys.parallel import activation_sharding, make_mesh
+    from mlsys.train.build import build
+
+    cfg = loop_config(size, steps)
+    mesh = make_mesh(cfg.mesh)
+    ds = data.load(cfg.data, cfg.seed)
+    it = data.train_iterator(ds.splits["train"], cfg.data.batch_size, cfg.seed)
+    run = build(cfg, ds.spec, mesh, steps)
+
+    def put(batch: dict) -> dict:  # as the loop places a batch
+        return {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()}
+
+    batches = [put(next(it)) for _ in range(steps)]
+    with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.act_rules):
+        t0 = time.perf_counter()
+        step_fn = run.train_step.lower(run.state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        box = {"state": run.state, "i": 0}
+
+        def one():
+            box["state"], m = step_fn(box["state"], batches[box["i"] % steps])
+            box["i"] += 1
+            return m
+
+        warm = min(cfg.trainer.log_every, steps // 2)  # the loop's first (left out) log interval
+        for _ in range(warm):
+            one()
+        jax.block_until_ready(box["state"])
+        ms = timed(one, steps - warm, jax.block_until_ready)
+    return {"compile_s": compile_s, "ms_per_step": ms}
+
+
 NAMES = {"digits_mlp": "mlp", "digits_cnn": "cnn", "shakespeare_char": "gpt"}
 
 
@@ -219,6 +290,8 @@ ARMS = {
     "torch": lambda s, n: arm_torch(s, n),
     "torch-compile": lambda s, n: arm_torch(s, n, compile=True),
     "checkpoint": arm_checkpoint,
+    "loop": arm_loop,
+    "loop-bare": arm_loop_bare,
     "latency-jax": lambda s, n: arm_latency("jax"),
     "latency-ort": lambda s, n: arm_latency("ort"),
     "latency-ort-int8": lambda s, n: arm_latency("ort-int8"),

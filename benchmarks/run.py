@@ -23,6 +23,9 @@ SUITES = {
                 "goals: mlsys within 3% of hand-written JAX (jax/mlsys ms ratio >= 0.97), mlsys tokens/s >= torch eager"),
     "pipeline": (["mlsys", "mlsys-grain"], "cpu", 100, "mlsys",
                  "goal: the grain pipeline within 3% of a device-resident batch"),
+    "loop": (["loop-bare", "loop"], "cpu", 600, "loop-bare",
+             "shakespeare_char's own loop (grain pipeline, log every 100, eval and checkpoint at 500) against a bare "
+             "loop over the same compiled step and batches; goal: steady-state step time within 2%"),
     "checkpoint": (["checkpoint"], "cpu", 200, "checkpoint",
                    "goal: each asynchronous save blocks the loop for at most 5% of the steps between saves"),
     "export_latency": (["latency-jax", "latency-ort", "latency-ort-int8"], "cpu", 0, "latency-jax",
