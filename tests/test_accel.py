@@ -1,6 +1,7 @@
 """Accelerators: the install line per ACCEL, the platform said at start-up, an unused CUDA/TPU build called out."""
 
 import logging
+import re
 import subprocess
 
 import pytest
@@ -13,12 +14,14 @@ def make_dry(*args):
     return subprocess.run(["make", "-n", *args, "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("accel,extras", [("cpu", "dev,bench,export,serve,track,sweep]"),
-                                          ("cuda", "dev,bench,export,serve,track,sweep,cuda]"),
-                                          ("tpu", "dev,bench,export,serve,track,sweep,tpu]")])
-def test_make_installs_the_accelerator_extra(accel, extras):
+@pytest.mark.parametrize("accel", ["cpu", "cuda", "tpu"])
+def test_make_installs_the_accelerator_extra(accel):
     out = make_dry("install", f"ACCEL={accel}")
-    assert out.returncode == 0 and f'-e ".[{extras}"' in out.stdout and f".installed-{accel}" in out.stdout
+    assert out.returncode == 0 and f".installed-{accel}" in out.stdout, out.stderr
+    (extras,) = re.findall(r'-e "\.\[([^\]]*)\]"', out.stdout)
+    extras = extras.split(",")
+    assert {"dev", "sweep"} <= set(extras)  # the CPU set (the sweep extra among it) in every case
+    assert [e for e in extras if e in ("cuda", "tpu")] == ([] if accel == "cpu" else [accel])
 
 
 def test_make_refuses_an_unknown_accel():
