@@ -118,7 +118,7 @@ def test_probes_manifest_metrics_and_openapi(mlp):
     assert m["serving"]["max_batch"] == 64 and m["version"] == ready["model_version"]
     spec = httpx.get(f"{mlp.url}/openapi.json").json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["inputs"]["items"]["maxItems"] == 8  # the manifest's shape, in the spec
+    assert body["oneOf"][0]["properties"]["inputs"]["items"]["maxItems"] == 8  # the manifest's shape, in the spec
     text = httpx.get(f"{mlp.url}/metrics").text
     for name in ("mlsys_requests_total", "mlsys_request_latency_seconds_bucket", "mlsys_batch_size_bucket",
                  "mlsys_queue_depth", "mlsys_drift_psi", "mlsys_ready 1.0"):
@@ -460,3 +460,31 @@ def test_the_server_needs_no_training_stack(exports):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- the OpenAPI document is the contract --------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["mlp", "gpt"])
+def test_openapi_document_matches_the_live_server_under_schemathesis(server, request):
+    """Every check schemathesis has (status codes, content types, headers, response schemas, schema-valid bodies
+    accepted, schema-invalid ones refused, the key not ignored) against the real server, from a fixed seed."""
+    s = request.getfixturevalue(server)
+    st = os.path.join(os.path.dirname(sys.executable), "st")
+    out = subprocess.run([st, "run", f"{s.url}/openapi.json", "--checks", "all", "--header", f"Authorization: Bearer {KEY}",
+                          "--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "No issues found" in out.stdout
+    spec = httpx.get(f"{s.url}/openapi.json").json()
+    documented = {p: sorted(op["responses"]) for p, ops in spec["paths"].items() for op in ops.values()}
+    assert documented["/v1/predict"] == ["200", "400", "401", "413", "422", "500", "503"]
+    assert "text/plain; version=0.0.4; charset=utf-8" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_token_ids_follow_json_numbers(gpt):
+    """3.0 is the integer 3 in JSON (and in the schema); 3.5 and true are not token ids."""
+    assert predict(gpt.url, {"input": [3.0, 4]}).status_code == 200
+    for bad, field in (([3.5, 4], "input[0]"), ([3, True], "input[1]")):
+        r = predict(gpt.url, {"input": bad})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text

@@ -20,6 +20,7 @@ from mlsys.serve.config import ServeConfig
 from mlsys.serve.drift import DriftMonitor
 from mlsys.serve.metrics import CountRequests, Metrics
 from mlsys.serve.model import ServedModel
+from mlsys.serve.openapi import PREDICTED, PROMETHEUS, STATUS, document, errors, json_body, predict_request
 from mlsys.serve.validate import Invalid, validate
 
 log = logging.getLogger("mlsys.serve")
@@ -103,9 +104,6 @@ def create_app(cfg: ServeConfig) -> "HotPath":
                            "server's operator issues keys", headers={"WWW-Authenticate": "Bearer"})
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-    one = example_schema(model)
-    body_schema = {"type": "object", "properties": {
-        "inputs": {"type": "array", "minItems": 1, "maxItems": cfg.max_rows, "items": one}, "input": one}}
 
     async def predict(request: Request):
         """`{"inputs": [example, ...]}` → `{"outputs": [...], "model_version": ...}`; or `{"input": example}` →
@@ -143,7 +141,7 @@ def create_app(cfg: ServeConfig) -> "HotPath":
         result["model_version"] = model.version
         return Response(orjson.dumps(result), media_type="application/json")
 
-    @v1.get("/model")
+    @v1.get("/model", responses=errors(401))
     async def manifest():
         """The export's manifest (without the training machine's paths), the model version, what inputs are
         accepted, and the serving limits."""
@@ -156,26 +154,33 @@ def create_app(cfg: ServeConfig) -> "HotPath":
     # rest (cProfile and py-spy at concurrency 64). The FastAPI route below, with the same function, is never
     # reached: it documents /v1/predict (body schema, key) in the OpenAPI spec.
     hot = CountRequests(Route("/v1/predict", predict, methods=["POST"]).app, metrics=metrics, routes=ROUTES)
-    v1.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": body_schema}}}})(predict)
+    v1.post("/predict", responses={200: json_body(PREDICTED), **errors(400, 401, 413, 422, 500, 503)},
+            openapi_extra={"requestBody": predict_request(example_schema(model), cfg.max_rows)})(predict)
     app.include_router(v1)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: json_body(STATUS)})
     async def healthz():
         """Alive (the process answers)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: json_body(STATUS), 503: json_body(STATUS, "Not ready: loading or draining.")})
     async def readyz():
         """Ready: the model is loaded and warmed up, and the server is not draining."""
         if not state["ready"]:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "model_version": model.version}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: PROMETHEUS})
     async def prometheus():
+        """Requests, latency, batch sizes, queue depth, errors by status, drift (Prometheus text format)."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def openapi() -> dict:  # generated once, on the first request for /openapi.json
+        if app.openapi_schema is None:
+            app.openapi_schema = document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(CountRequests, metrics=metrics, routes=ROUTES)
     return HotPath(app, hot, "/v1/predict")
 

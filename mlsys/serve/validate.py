@@ -82,7 +82,7 @@ def _walk_array(items: list, field: str, single: bool, spec: InputSpec) -> None:
         walk(item, () if single else (n,), spec.shape)
 
 
-def tokens(items: list, field: str, single: bool, spec: InputSpec, has_bools: bool) -> list[np.ndarray]:
+def tokens(items: list, field: str, single: bool, spec: InputSpec) -> list[np.ndarray]:
     """One int32 array of token ids per example (lengths may differ)."""
     out = []
     for n, item in enumerate(items):
@@ -91,14 +91,18 @@ def tokens(items: list, field: str, single: bool, spec: InputSpec, has_bools: bo
             raise Invalid(here, "expected a non-empty list of token ids")
         if len(item) > spec.max_length:
             raise Invalid(here, f"{len(item)} tokens; the model takes at most {spec.max_length}")
-        t = np.asarray(item) if not has_bools and all(type(v) is int for v in item) else None
-        if t is None or t.dtype.kind not in "iu":
-            bad = next(i for i, v in enumerate(item) if type(v) is not int)
-            raise Invalid(f"{here}[{bad}]", f"expected an integer token id, got {type(item[bad]).__name__}")
+        # JSON has one number type: 3.0 is the integer 3 (as JSON Schema says); 3.5, true and "3" are not ids.
+        bad = next((i for i, v in enumerate(item) if not (type(v) is int or (type(v) is float and v.is_integer()))),
+                   None)
+        if bad is not None:
+            raise Invalid(f"{here}[{bad}]", f"expected an integer token id, got {item[bad]!r}")
+        t = np.asarray(item)
+        if t.dtype.kind not in "iuf":  # integers past int64
+            raise Invalid(here, "token ids must be integers in the vocabulary")
         outside = (t < 0) | (t >= spec.vocab_size)
         if outside.any():
             i = int(np.argmax(outside))
-            raise Invalid(f"{here}[{i}]", f"token id {int(t[i])} is outside the vocabulary [0, {spec.vocab_size})")
+            raise Invalid(f"{here}[{i}]", f"token id {item[i]} is outside the vocabulary [0, {spec.vocab_size})")
         out.append(t.astype(np.int32))
     return out
 
@@ -109,5 +113,5 @@ def validate(body, raw: bytes, spec: InputSpec, max_rows: int):
     # JSON true/false would silently become 1/0 in numpy: walk those bodies element by element.
     has_bools = b"true" in raw or b"false" in raw
     if spec.kind == "tokens":
-        return tokens(items, field, single, spec, has_bools), single
+        return tokens(items, field, single, spec), single
     return arrays(items, field, single, spec, has_bools), single
