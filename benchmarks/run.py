@@ -30,6 +30,10 @@ SUITES = {
                    "goal: each asynchronous save blocks the loop for at most 5% of the steps between saves"),
     "export_latency": (["latency-jax", "latency-ort", "latency-ort-int8"], "cpu", 0, "latency-jax",
                        "inference ms per call (model@batch); goal: ONNX Runtime fp32 no slower than JAX at batch 1"),
+    # steps = MB of generated corpus for the large arm (0: 100 MB; the small arm a quarter)
+    "tokenize": (["tokenize-small", "tokenize-large"], "cpu", 0, "tokenize-small",
+                 "data=corpus tokenization from scratch (byte-level BPE, 4,096 ids, a worker per core) of a generated "
+                 ".jsonl corpus; goal: peak resident memory the same for 25 MB and 100 MB"),
     # steps = measured seconds per concurrency level (0: serve_load's default)
     "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
               "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
@@ -38,7 +42,8 @@ SUITES = {
 
 
 def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
-    module = "benchmarks.serve_load" if arm.startswith("serve") else "benchmarks.arm"  # a server + its client
+    module = ("benchmarks.serve_load" if arm.startswith("serve") else  # a server + its client
+              "benchmarks.tokenize" if arm.startswith("tokenize") else "benchmarks.arm")
     cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps", str(steps)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
@@ -58,6 +63,10 @@ def latency_table(suite: str, rows: dict, ref: str, note: str) -> str:
 
 
 def table(suite: str, rows: dict, ref: str, note: str) -> str:
+    if "mb_per_s" in rows[ref][0]:
+        from benchmarks.tokenize import table as tokenize_table
+
+        return tokenize_table(suite, rows, note)
     if "load" in rows[ref][0]:
         from benchmarks.serve_load import load_table
 

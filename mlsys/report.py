@@ -94,9 +94,12 @@ def write_report(root: str, metric: str | None = None, mode: str | None = None, 
                                         (scores[r.path] or 0) * (-1 if mode == "max" else 1)))
     out = out or root
     os.makedirs(out, exist_ok=True)
-    header = ["rank", "run", metric, *swept, "data", "usd", "device_hours", "overrides"]
+    # Language models: bits per byte beside the objective, so that runs with different tokenizers compare.
+    bpb = {r.path: objective(r, "val.bits_per_byte", "last") for r in runs}
+    extra = ["val.bits_per_byte"] if metric != "val.bits_per_byte" and any(v is not None for v in bpb.values()) else []
+    header = ["rank", "run", metric, *extra, *swept, "data", "usd", "device_hours", "overrides"]
     table = [[i + 1, os.path.relpath(r.path, root) if r.path != root else ".", scores[r.path],
-              *[r.config.get(k) for k in swept], (r.env.get("data") or {}).get("digest", "-")[:12],
+              *[bpb[r.path] for _ in extra], *[r.config.get(k) for k in swept], (r.env.get("data") or {}).get("digest", "-")[:12],
               _cost(r).get("total_usd"), _cost(r).get("total_device_hours"), _other_overrides(r, swept)]
              for i, r in enumerate(order)]
     with open(os.path.join(out, "report.csv"), "w", newline="") as f:

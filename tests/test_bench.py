@@ -55,3 +55,14 @@ def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| torch-compile |" in out.stdout and "| mlsys |" in out.stdout and "| jax |" in out.stdout
+
+
+def test_tokenize_suite_reports_throughput_and_peak_memory(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "tokenize", "--repeats", "1", "--steps",
+                          "2", "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reps = json.loads((tmp_path / "tokenize.json").read_text())["repeats"]
+    small, large = reps["tokenize-small"][0], reps["tokenize-large"][0]
+    assert 0.4 < small["corpus_mb"] < large["corpus_mb"] and large["mb_per_s"] > 0 and large["tokens"] > 0
+    assert large["peak_rss_mb"] > 0 and large["worker_peak_rss_mb"] > 0
+    assert "| tokenize-large | 1 |" in (tmp_path / "latest.md").read_text()

@@ -139,5 +139,9 @@ def test_corpus_run_end_to_end(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "tokenizer.json") and isinstance(results["sample"], str)
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert {x["split"] for x in lines if "bits_per_byte" in x} == {"train", "val"}
+    from mlsys.report import write_report
+
+    report = open(write_report(str(tmp_path / "run"), out=str(tmp_path / "report"))).read()
+    assert "| val.loss | val.bits_per_byte |" in report and f"{results['val']['bits_per_byte']:.4g}" in report
     with pytest.raises(DataError, match=r"model.vocab_size=256 is smaller than the tokenizer's vocabulary \(300"):
         train(typed_cfg([*over, "model.vocab_size=256"]), str(tmp_path / "run2"))

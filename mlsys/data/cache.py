@@ -225,11 +225,20 @@ def _tokenize_unit(unit: Unit, reading: Reading, tok_spec: tuple, part: str) -> 
 
     key = hashlib.sha256(repr(tok_spec).encode()).hexdigest()
     tok = _TOKENIZERS.get(key) or _TOKENIZERS.setdefault(key, from_spec(tok_spec))
-    pieces = read_pieces(unit, reading)
-    ids = tok.encode_batch(pieces) if pieces else []
-    lengths = np.array([len(x) for x in ids], np.int64)
-    (np.concatenate(ids) if ids else np.zeros(0, np.int32)).astype(tok.dtype).tofile(part)
-    return lengths
+    pieces, lengths = read_pieces(unit, reading), []
+    with open(part, "wb") as out:
+        # About 1 MiB of text per call: a tokenizer's per-token objects for a whole 16 MiB unit would be the
+        # largest thing in memory (measured: a worker's peak grew from 380 to 580 MB between 25 and 100 MB corpora).
+        start, size = 0, 0
+        for end, piece in enumerate(pieces, 1):
+            size += len(piece)
+            if size >= 1 << 20 or end == len(pieces):
+                ids = tok.encode_batch(pieces[start:end])
+                lengths += [len(x) for x in ids]
+                if ids:
+                    np.concatenate(ids).astype(tok.dtype).tofile(out)
+                start, size = end, 0
+    return np.asarray(lengths, np.int64)
 
 
 def _init_worker():
