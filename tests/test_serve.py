@@ -466,14 +466,14 @@ def test_the_server_needs_no_training_stack(exports):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("server", ["mlp", "gpt"])
-def test_openapi_document_matches_the_live_server_under_schemathesis(server, request):
+def test_openapi_document_matches_the_live_server_under_schemathesis(server, request, tmp_path):
     """Every check schemathesis has (status codes, content types, headers, response schemas, schema-valid bodies
     accepted, schema-invalid ones refused, the key not ignored) against the real server, from a fixed seed."""
     s = request.getfixturevalue(server)
     st = os.path.join(os.path.dirname(sys.executable), "st")
     out = subprocess.run([st, "run", f"{s.url}/openapi.json", "--checks", "all", "--header", f"Authorization: Bearer {KEY}",
                           "--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache goes there
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout
     spec = httpx.get(f"{s.url}/openapi.json").json()
