@@ -137,6 +137,10 @@ def validate(cfg, n_devices: int, n_processes: int = 1, platform: str = "cpu") -
     _check(not (cfg.prune.sparsity and cfg.lora.rank), "lora.rank", cfg.lora.rank, "LoRA on a pruned model is not "
            "supported; fine-tune it without adapters (lora.rank=0)")
     lo = cfg.lora
+    if lo.quantize_base is not None:
+        _one_of("lora.quantize_base", lo.quantize_base, ("int8", "nf4"))
+        _check(lo.rank > 0, "lora.quantize_base", lo.quantize_base, "quantizes the frozen weights that LoRA adapts, "
+               "but lora.rank=0 (no adapters); set lora.rank (e.g. 8) or drop lora.quantize_base")
     _check(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = no adapters)")
     _check(lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0 (the update is scaled by alpha / rank)")
     _check(len(lo.targets) > 0, "lora.targets", lo.targets, 'must name at least one layer pattern, e.g. ["*"]')

@@ -103,6 +103,11 @@ CATALOGUE = [
     ([MLP, "trainer.cost_per_device_hour=-1"], "trainer.cost_per_device_hour=-1.0: must be a price >= 0 in USD"),
     ([MLP, "trainer.cost_per_device_hour=cheap"], "Value 'cheap' of type 'str' could not be converted to Float"),
     ([MLP, "+trainer.cost_table.tpu=[1]"], "trainer.cost_table['tpu']=[1.0]: must be [on-demand, spot] prices"),
+    ([GPT, "lora.quantize_base=int8"], "lora.quantize_base='int8': quantizes the frozen weights that LoRA adapts, "
+                                        "but lora.rank=0"),
+    ([GPT, "lora.rank=4", "trainer.init_from=x", "lora.quantize_base=int4"],
+     "lora.quantize_base='int4': must be one of ['int8', 'nf4']"),
+    ([MLP, "prune.sparsity=1.0"], "prune.sparsity=1.0: must be in [0, 1)"),
 ]
 
 

@@ -129,7 +129,9 @@ def train(cfg: Config, run_dir: str) -> dict:
         "n_trainable": n_trainable, "trainable_fraction": n_trainable / n_params, "compile_seconds": compile_s,
         "flops_per_example": flops_example, "flops_per_token": flops_example / tokens if tokens else None,
         "peak_tflops_per_device": peak, "peak_source": peak_source,
-        "mesh": dict(mesh.shape), "bytes_per_device": per_device, "data": data_fp})
+        "mesh": dict(mesh.shape), "bytes_per_device": per_device, "data": data_fp,
+        "lora_base_bytes_per_device":  # the frozen kernels LoRA adapts (QLoRA: quantized)
+            lora.base_bytes_per_device(state.params, state.rest) if cfg.lora.rank else None})
     tracker.write_env(env)
 
     def record_cost(preempted: bool) -> dict:  # device-hours and dollars, into metrics.jsonl and env.json

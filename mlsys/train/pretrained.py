@@ -16,6 +16,7 @@ from mlsys.config import Config, load_saved
 from mlsys.errors import CheckpointError, ConfigError
 from mlsys.models.lora import Frozen
 from mlsys.models.prune import PruneMask
+from mlsys.models.quant import quantize
 from mlsys.train.state import abstract_model
 
 # What a pretrained run provides: its weights, batch statistics and pruning masks (not RNG streams, not LoRA
@@ -32,18 +33,33 @@ def _path(p: tuple) -> str:
     return ".".join(map(str, p))
 
 
+QUANTIZED = ("kernel_codes", "kernel_scale")  # QLoRA's stored form of a pretrained "kernel"
+
+
+def _as_trained(weights: dict) -> dict:
+    """Our weights by the paths a plain run saved them under: QLoRA's codes and scales stand for the kernel (its
+    shape is checked when it is quantized)."""
+    out = {}
+    for p, v in weights.items():
+        if p[-1] in QUANTIZED:
+            out[(*p[:-1], "kernel")] = None
+        else:
+            out[p] = v
+    return out
+
+
 def check_compatible(run_dir: str, base: Config, cfg: Config, spec) -> None:
     """Every weight of this model must exist in the pretrained one with the same shape (and nothing extra there)."""
     key = f"trainer.init_from={run_dir!r}"
     if base.model.name != cfg.model.name:
         raise ConfigError(f"{key}: that run trained model={base.model.name}, this one is model={cfg.model.name}; "
                           f"fine-tune with the same model")
-    ours = _weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune)))
+    ours = _as_trained(_weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune))))
     theirs = _weights(nnx.state(abstract_model(base.model, spec, base.seed, prune=base.prune)))
     problems = [f"{_path(p)}: missing there" for p in ours if p not in theirs]
     problems += [f"{_path(p)}: not in this model" for p in theirs if p not in ours]
     problems += [f"{_path(p)}: shape {tuple(theirs[p].shape)} there, {tuple(v.shape)} here"
-                 for p, v in ours.items() if p in theirs and theirs[p].shape != v.shape]
+                 for p, v in ours.items() if v is not None and p in theirs and theirs[p].shape != v.shape]
     if problems:
         a, b = asdict(base.model), asdict(cfg.model)
         differ = [f"model.{k}={a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b.get(k)]
@@ -83,10 +99,20 @@ def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     _, params, rest, step = restore_model(run_dir, replace(base, mesh=cfg.mesh), spec, mesh)
     found = _weights(params) | _weights(rest)
 
+    quantized = {}  # QLoRA: each pretrained kernel quantized once, as it arrives
+
+    def value(p, v):
+        if p[-1] in QUANTIZED:
+            kernel = (*p[:-1], "kernel")
+            if kernel not in quantized:
+                quantized[kernel] = quantize(found[kernel].get_value(), cfg.lora.quantize_base)
+            return v.replace(quantized[kernel][QUANTIZED.index(p[-1])])
+        if p in found and isinstance(v, WEIGHTS) and not isinstance(v, nnx.LoRAParam):
+            return v.replace(found[p].get_value())
+        return v
+
     def take(st: nnx.State) -> nnx.State:
-        flat = [(p, v.replace(found[p].get_value()) if p in found and isinstance(v, WEIGHTS)
-                 and not isinstance(v, nnx.LoRAParam) else v) for p, v in nnx.to_flat_state(st)]
-        return nnx.from_flat_state(flat)
+        return nnx.from_flat_state([(p, value(p, v)) for p, v in nnx.to_flat_state(st)])
 
     loaded = state.replace(params=take(state.params), rest=take(state.rest))
     loaded = jax.device_put(loaded, jax.tree.map(lambda x: x.sharding, state))
