@@ -32,7 +32,7 @@ def words(seed: int = 0, n: int = 8000) -> np.ndarray:
 
 
 def write_corpus(folder: str, mb: float, seed: int = 1) -> int:
-    """~mb MB of .jsonl documents in 4 files, generated and written chunk by chunk (memory stays small)."""
+    """~mb MB of .jsonl documents in up to 4 files, generated and written chunk by chunk (memory stays small)."""
     vocab, rng = words(), np.random.default_rng(seed)
     zipf = 1.0 / np.arange(1, len(vocab) + 1)
     zipf /= zipf.sum()
@@ -43,7 +43,9 @@ def write_corpus(folder: str, mb: float, seed: int = 1) -> int:
         text = " ".join(vocab[rng.choice(len(vocab), n, p=zipf)])
         docs = [text[i: i + DOC_BYTES] for i in range(0, len(text), DOC_BYTES)]
         chunk = "".join(json.dumps({"text": d}) + "\n" for d in docs)
-        files[k % 4].write(chunk)
+        # Files filled one after another (25 MB each): both arms then have work units of the full 16 MiB, so their
+        # peak memory differs only by what grows with the corpus.
+        files[min(3, int(written // 25e6)) if mb >= 4 else k % 4].write(chunk)
         written, k = written + len(chunk), k + 1
     for f in files:
         f.close()
