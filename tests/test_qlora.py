@@ -74,13 +74,19 @@ def test_merge_of_a_qlora_model_is_the_dequantized_plain_model():
 def test_qlora_run_trains_stores_quantized_and_exports(train_tiny, tmp_path):
     from mlsys.export import export_run
 
-    _, base = train_tiny("shakespeare_char", run_dir=tmp_path / "base")
-    extra = (f"trainer.init_from={base}", "trainer.steps=20")
-    _, plain = train_tiny("shakespeare_char_lora", *extra, run_dir=tmp_path / "lora")
-    _, q = train_tiny("shakespeare_char_lora", *extra, "lora.quantize_base=nf4", run_dir=tmp_path / "qlora")
-    env = {r: json.load(open(os.path.join(r, "env.json"))) for r in (plain, q)}
-    ratio = env[plain]["lora_base_bytes_per_device"] / env[q]["lora_base_bytes_per_device"]
-    assert ratio >= 6  # counted from the state's arrays: fp32 kernels against NF4 codes + scales
+    from dataclasses import replace
+
+    from mlsys.config import load_saved
+    from mlsys.data import load
+    from mlsys.models.lora import base_bytes_per_device
+    from mlsys.train.state import abstract_model, split_model
+
+    _, q = train_tiny("shakespeare_char_lora", "trainer.steps=20", "lora.quantize_base=nf4", run_dir=tmp_path / "q")
+    cfg = load_saved(q)
+    plain = abstract_model(cfg.model, load(cfg.data, cfg.seed).spec, cfg.seed, replace(cfg.lora, quantize_base=None))
+    _, params, rest = split_model(plain, train=True)  # the same adapted layers, their kernels in float32
+    stored = json.load(open(os.path.join(q, "env.json")))["lora_base_bytes_per_device"]
+    assert base_bytes_per_device(params, rest) / stored >= 6  # NF4 codes + scales, counted from the run's arrays
     rows = [json.loads(line) for line in open(os.path.join(q, "metrics.jsonl"))]
     train = [r["loss"] for r in rows if r["split"] == "train"]
     assert train[-1] < train[0]

@@ -11,10 +11,12 @@ inside the matmul; the adapters train in the compute dtype.
 """
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -178,5 +180,7 @@ def base_bytes_per_device(params, rest) -> int:
     for path, v in nnx.to_flat_state(rest):
         if path[:-1] in adapted and path[-1] in ("kernel", "kernel_codes", "kernel_scale"):
             x = v.get_value()
-            total += x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else x.nbytes
+            # a placed array: its first shard; an abstract one (eval_shape): the whole array
+            total += x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else \
+                math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
     return total
