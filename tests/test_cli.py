@@ -38,7 +38,7 @@ def test_run_dir_layout_and_summary(tmp_path):
 BAD = [
     (["trainer.stepz=5"], "trainer.stepz"),
     (["optim.lr=fast"], "optim.lr"),
-    (["model=resnet"], "Could not find 'model/resnet'"),
+    (["model=densenet"], "Could not find 'model/densenet'"),  # a family mlsys does not have
     (["+exp=nope"], "Available options in 'exp'"),
     (["optim.name=adagrad"], "optim.name='adagrad': must be one of ['adamw', 'sgd']"),
     (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
