@@ -78,7 +78,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
 def test_params_carry_logical_axis_names():
     model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16), LM, rngs=nnx.Rngs(0))
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    assert tuple(specs["blocks"][0]["mlp"]["fc"]["kernel"].get_value()) == ("embed", "mlp")
+    assert tuple(specs["blocks"]["mlp"]["fc"]["kernel"].get_value()) == (None, "embed", "mlp")  # scanned: layer axis
     assert tuple(specs["wte"]["embedding"].get_value()) == ("vocab", "embed")
 
 

@@ -93,7 +93,7 @@ def test_bf16_policy_params_fp32_compute_bf16_loss_fp32():
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     x = jnp.zeros((2, 16), jnp.int32)
-    assert model.blocks[0](model.wte(x)).dtype == jnp.bfloat16  # activations in bf16
+    assert model.ln_f(model.wte(x)).dtype == jnp.bfloat16  # activations in bf16
     assert model(x).dtype == jnp.float32  # logits (and so softmax and loss) in fp32
 
 

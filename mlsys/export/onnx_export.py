@@ -18,8 +18,9 @@ class ExportError(MlsysError):
 
 
 def export_view(model: nnx.Module) -> nnx.Module:
-    """Evaluation mode, and the GPT attention's sliced mask table (jax2onnx needs it for a symbolic length)."""
-    return nnx.view(model, deterministic=True, use_running_average=True, explicit_mask=True,
+    """Evaluation mode; for the decoders a sliced mask table (jax2onnx needs it for a symbolic length) and a scanned
+    layer stack unrolled (one graph node per layer, rather than a loop)."""
+    return nnx.view(model, deterministic=True, use_running_average=True, explicit_mask=True, unroll_layers=True,
                     raise_if_not_found=False)
 
 

@@ -1,4 +1,4 @@
-"""PyTorch mirrors of the built-in families (MLP, CNN, GPT): the same computation, written for torch, loaded from
+"""PyTorch mirrors of the built-in families (MLP, CNN, GPT and Llama): the same computation, written for torch, loaded from
 the trained parameters; each family names its mirror (MLP_MIRROR, ...) in its Family.mirrors["torch"]. Inputs keep
 mlsys's layout (images NHWC, tokens (B, T)), so one preprocessing serves JAX, ONNX and torch.
 Flax kernels are (in, out), torch weights (out, in): weight = kernel.T."""
@@ -60,36 +60,75 @@ class CNN(nn.Module):
         return self.head(F.relu(self.fc(x)))
 
 
-def rope(x, base: float):
-    t, d = x.shape[1], x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+def inv_frequencies(cfg: dict, head_dim: int):
+    """As mlsys.models.transformer.rope_frequencies (Llama 3 scaling included)."""
+    inv = 1.0 / (cfg["rope_base"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    f = cfg.get("rope_scaling") or 0.0
+    if not f:
+        return inv
+    lo, hi, old = cfg["rope_low_freq_factor"], cfg["rope_high_freq_factor"], cfg["rope_original_max_len"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / f, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+
+
+def rope(x, inv):
+    t = x.shape[1]
     ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
     cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def ffn_width(cfg: dict) -> int:
+    if cfg["d_ff"]:
+        return cfg["d_ff"]
+    return 4 * cfg["d_model"] if cfg.get("mlp", "gelu") == "gelu" else -(-8 * cfg["d_model"] // 3 // 32) * 32
+
+
+def norm(cfg: dict) -> nn.Module:
+    if cfg.get("norm", "layer") == "rms":
+        return nn.RMSNorm(cfg["d_model"], eps=cfg["norm_eps"])
+    return nn.LayerNorm(cfg["d_model"], eps=cfg["norm_eps"], bias=cfg["bias"])
+
+
 class Block(nn.Module):
+    """A gpt or llama block (mlsys.models.transformer.Block): pre-norm, grouped-query attention, GELU or SwiGLU."""
+
     def __init__(self, cfg: dict):
         super().__init__()
-        d, dff, b, eps = cfg["d_model"], cfg["d_ff"] or 4 * cfg["d_model"], cfg["bias"], cfg["norm_eps"]
-        self.n_head, self.rope, self.rope_base = cfg["n_head"], cfg["pos_emb"] == "rope", cfg["rope_base"]
-        self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=eps, bias=b), nn.LayerNorm(d, eps=eps, bias=b)
-        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=b), nn.Linear(d, d, bias=b)
+        d, dff, b = cfg["d_model"], ffn_width(cfg), cfg["bias"]
+        self.n_head, self.n_kv = cfg["n_head"], cfg.get("n_kv_head") or cfg["n_head"]
+        hd = d // self.n_head
+        self.rope = cfg["pos_emb"] == "rope"
+        self.register_buffer("inv_freq", inv_frequencies(cfg, hd), persistent=False)
+        self.ln_1, self.ln_2 = norm(cfg), norm(cfg)
+        self.qkv, self.proj = nn.Linear(d, (self.n_head + 2 * self.n_kv) * hd, bias=b), nn.Linear(d, d, bias=b)
         self.fc, self.fc_out = nn.Linear(d, dff, bias=b), nn.Linear(dff, d, bias=b)
+        self.gate = nn.Linear(d, dff, bias=b) if cfg.get("mlp", "gelu") == "swiglu" else None
 
     def forward(self, x):
         b, t, d = x.shape
-        qkv = self.qkv(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        h, kv, hd = self.n_head, self.n_kv, d // self.n_head
+        q, k, v = self.qkv(self.ln_1(x)).split([h * hd, kv * hd, kv * hd], dim=-1)
+        q, k, v = q.view(b, t, h, hd), k.view(b, t, kv, hd), v.view(b, t, kv, hd)
         if self.rope:
-            q, k = rope(q, self.rope_base), rope(k, self.rope_base)
+            q, k = rope(q, self.inv_freq), rope(k, self.inv_freq)
+        if kv != h:
+            k, v = k.repeat_interleave(h // kv, dim=2), v.repeat_interleave(h // kv, dim=2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
+        normed = self.ln_2(x)
+        hidden = self.fc(normed)
+        hidden = F.gelu(hidden) if self.gate is None else F.silu(self.gate(normed)) * hidden
+        return x + self.fc_out(hidden)
 
 
 class GPT(nn.Module):
+    """The decoder families gpt and llama (mlsys.models.decoder.Decoder)."""
+
     def __init__(self, cfg: dict, vocab: int):
         super().__init__()
         padded = math.ceil(vocab / cfg["vocab_multiple"]) * cfg["vocab_multiple"]
@@ -97,7 +136,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(padded, d)
         self.wpe = nn.Embedding(cfg["block_size"], d) if cfg["pos_emb"] == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg["n_layer"]))
-        self.ln_f = nn.LayerNorm(d, eps=cfg["norm_eps"], bias=cfg["bias"])
+        self.ln_f = norm(cfg)
         self.lm_head = None if cfg["tie_embeddings"] else nn.Linear(d, padded, bias=False)
 
     def forward(self, tokens):
@@ -151,17 +190,37 @@ def cnn_state_dict(p: dict) -> dict:
     return _contiguous(sd)
 
 
+def layers(blocks: dict) -> list[dict]:
+    """Per-layer parameter dicts of an unrolled stack ({0: ..., 1: ...}) or of a scanned one (every array with a
+    leading layer axis), in layer order."""
+    if all(isinstance(k, int) for k in blocks):
+        return [blocks[i] for i in sorted(blocks)]
+    n = len(np.asarray(next(iter(_leaves(blocks)))))
+
+    def take(tree, i):
+        return {k: take(v, i) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)[i]
+
+    return [take(blocks, i) for i in range(n)]
+
+
+def _leaves(tree):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
 def gpt_state_dict(p: dict) -> dict:
     sd: dict = {"wte.weight": np.asarray(p["wte"]["embedding"])}
     if p.get("wpe"):
         sd["wpe.weight"] = np.asarray(p["wpe"]["embedding"])
-    for i, blk in sorted(p["blocks"].items()):
+    for i, blk in enumerate(layers(p["blocks"])):
         _norm(sd, f"blocks.{i}.ln_1", blk["ln_1"])
         _norm(sd, f"blocks.{i}.ln_2", blk["ln_2"])
         _linear(sd, f"blocks.{i}.qkv", blk["attn"]["qkv"])
         _linear(sd, f"blocks.{i}.proj", blk["attn"]["proj"])
         _linear(sd, f"blocks.{i}.fc", blk["mlp"]["fc"])
         _linear(sd, f"blocks.{i}.fc_out", blk["mlp"]["proj"])
+        if blk["mlp"].get("gate"):
+            _linear(sd, f"blocks.{i}.gate", blk["mlp"]["gate"])
     _norm(sd, "ln_f", p["ln_f"])
     if p.get("lm_head"):
         _linear(sd, "lm_head", p["lm_head"])
@@ -182,4 +241,5 @@ class Mirror(NamedTuple):
 
 MLP_MIRROR = Mirror(lambda cfg, spec: MLP(cfg, int(np.prod(spec.input_shape)), spec.num_classes), mlp_state_dict)
 CNN_MIRROR = Mirror(lambda cfg, spec: CNN(cfg, spec.input_shape, spec.num_classes), cnn_state_dict)
+# gpt and llama: one decoder mirror
 GPT_MIRROR = Mirror(lambda cfg, spec: GPT(cfg, cfg["vocab_size"] or spec.num_classes), gpt_state_dict)

@@ -9,8 +9,9 @@ from mlsys.models.family import REGISTRY, Family, build_model, family_of, regist
 from mlsys.models.mlp import MLP, MLPConfig
 from mlsys.models.cnn import CNN, CNNConfig
 from mlsys.models.gpt import GPT, GPTConfig
+from mlsys.models.llama import Llama, LlamaConfig
 from mlsys.models.resnet import ResNet, ResNetConfig
 from mlsys.models.custom import CustomConfig, import_target
 
 __all__ = ["REGISTRY", "Family", "register", "family_of", "build_model", "import_target", "MLP", "CNN", "GPT",
-           "MLPConfig", "CNNConfig", "GPTConfig", "CustomConfig", "ResNet", "ResNetConfig"]
+           "Llama", "MLPConfig", "CNNConfig", "GPTConfig", "LlamaConfig", "CustomConfig", "ResNet", "ResNetConfig"]

@@ -28,7 +28,8 @@ from mlsys.models import quant
 class LoRAConfig:
     rank: int = 0  # 0 = no adapters (plain training)
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    # fnmatch patterns over the dotted path of each nnx.Linear (e.g. "blocks.0.attn.qkv"); "*" = all of them
+    # fnmatch patterns over the dotted path of each nnx.Linear (e.g. "blocks.0.attn.qkv", or "blocks.attn.qkv" for
+    # every layer of a scanned stack); "*" = all of them
     targets: list[str] = field(default_factory=lambda: ["*"])
     # QLoRA: the adapted (frozen) kernels stored as "int8" (per output channel) or "nf4" (4-bit NormalFloat,
     # block-wise scales), dequantized inside the matmul; None = as trained (mlsys/models/quant.py)
@@ -68,11 +69,16 @@ class LoRALinear(nnx.Linear):
             self.kernel_scale = Frozen(scales, **_meta(base.kernel, (names[1],) if quantize == "int8"
                                                        else (None, names[1])))
             del self.kernel
-        # The adapters shard like the kernel they adapt: A along its input axis, B along its output axis.
-        a_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (names[0], None))
-        b_init = nnx.with_partitioning(nnx.initializers.zeros_init(), (None, names[1]))
-        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (base.in_features, rank), base.param_dtype))
-        self.lora_b = nnx.LoRAParam(b_init(rngs.params(), (rank, base.out_features), base.param_dtype))
+        # The adapters shard like the kernel they adapt: A along its input axis, B along its output axis. A kernel
+        # of a scanned layer stack has a leading layer axis: its adapters get one too (one pair per layer).
+        lead = tuple(base.kernel.shape[:-2])
+        if len(names) < len(lead) + 2:
+            names = (None,) * (len(lead) + 2)
+        batch = tuple(range(len(lead)))
+        a_init = nnx.with_partitioning(nnx.initializers.lecun_normal(batch_axis=batch), (*names[:-1], None))
+        b_init = nnx.with_partitioning(nnx.initializers.zeros_init(), (*names[:-2], None, names[-1]))
+        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*lead, base.in_features, rank), base.param_dtype))
+        self.lora_b = nnx.LoRAParam(b_init(rngs.params(), (*lead, rank, base.out_features), base.param_dtype))
 
     def base_kernel(self, dtype=None):
         """The frozen kernel, dequantized (in `dtype`) when stored quantized."""

@@ -41,6 +41,13 @@ def manual_spec(spec: P) -> P:
     return P(*out)
 
 
+def fold_in(keys, data):
+    """jax.random.fold_in for a key or an array of keys (a scanned layer stack holds one per layer)."""
+    if keys.ndim == 0:
+        return jax.random.fold_in(keys, data)
+    return jax.vmap(lambda k: fold_in(k, data))(keys)
+
+
 def fsdp_dim(spec: P) -> int:
     """The dimension sharded over fsdp, or -1."""
     for i, entry in enumerate(spec):
@@ -84,7 +91,7 @@ def make_shard_map_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         r_vars, r_def = jax.tree.flatten(state.rest, is_leaf=is_var)
         rest = jax.tree.unflatten(r_def, [
             v.replace(gather(v.get_value(), d)) if isinstance(v, Frozen) else
-            v.replace(jax.random.fold_in(v.get_value(), shard)) if is_key(v.get_value()) else v
+            v.replace(fold_in(v.get_value(), shard)) if is_key(v.get_value()) else v
             for v, d in zip(r_vars, rest_dims)])
         model = nnx.merge(graphdef, full, rest)
         for _, m in nnx.iter_modules(model):  # batch norm: statistics of the global batch, as the jit step has them
