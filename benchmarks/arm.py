@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from benchmarks import lm
 from benchmarks.sizes import SIZES, Size, mlsys_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,6 +296,10 @@ ARMS = {
     "latency-jax": lambda s, n: arm_latency("jax"),
     "latency-ort": lambda s, n: arm_latency("ort"),
     "latency-ort-int8": lambda s, n: arm_latency("ort-int8"),
+    "compile-scan": lambda s, n: lm.arm_compile(s, scan=True),
+    "compile-unrolled": lambda s, n: lm.arm_compile(s, scan=False),
+    "decode-cached": lambda s, n: lm.arm_decode(s, cached=True),
+    "decode-uncached": lambda s, n: lm.arm_decode(s, cached=False),
 }
 
 if __name__ == "__main__":

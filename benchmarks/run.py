@@ -34,6 +34,12 @@ SUITES = {
     "tokenize": (["tokenize-small", "tokenize-large"], "cpu", 0, "tokenize-small",
                  "data=corpus tokenization from scratch (byte-level BPE, 4,096 ids, a worker per core) of a generated "
                  ".jsonl corpus; goal: peak resident memory the same for 25 MB and 100 MB"),
+    "compile": (["compile-scan", "compile-unrolled"], "cpu", 0, "compile-scan",
+                "train-step compile time, shakespeare_char's GPT at 2 and 24 layers; goal: with model.scan_layers=true "
+                "the 24-layer step compiles in at most 1.5x the 2-layer one's time (unrolled beside it)"),
+    "decode": (["decode-cached", "decode-uncached"], "cpu", 0, "decode-uncached",
+               "256 new tokens after a 64-token prompt, batch 1, shakespeare_char's GPT with block 320; goal: the KV "
+               "cache >= 5x the tokens/s of the uncached sampler (which recomputes the window for every token)"),
     # steps = measured seconds per concurrency level (0: serve_load's default)
     "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
               "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
@@ -73,6 +79,14 @@ def table(suite: str, rows: dict, ref: str, note: str) -> str:
         return load_table(suite, rows, ref, note)
     if "latency_ms" in rows[ref][0]:
         return latency_table(suite, rows, ref, note)
+    if "compile_ratio" in rows[ref][0]:
+        from benchmarks.lm import compile_table
+
+        return compile_table(suite, rows, note)
+    if "new_tokens" in rows[ref][0]:
+        from benchmarks.lm import decode_table
+
+        return decode_table(suite, rows, ref, note)
     keys = [k for k in ("ms_per_step", "tokens_per_s", "compile_s", "save_blocked_ms", "blocked_fraction")
             if any(k in r[0] for r in rows.values())]
     base = statistics.median(r["ms_per_step"] for r in rows[ref])

@@ -33,6 +33,17 @@ def test_each_arm_reports_its_speed(name):
         assert r["log_intervals"] >= 2 and r["wall_s"] > 0
 
 
+@pytest.mark.parametrize("name", ["compile-scan", "compile-unrolled", "decode-cached", "decode-uncached"])
+def test_language_model_arms(name):
+    """Compile time at 2 and (tiny size) 4 layers, scanned or unrolled; decode tokens/s with and without the cache."""
+    r = arm(name)
+    if name.startswith("compile"):
+        assert r["compile_2_layers_s"] > 0 and r["compile_4_layers_s"] > 0 and r["deep_layers"] == 4
+        assert r["compile_ratio"] == r["compile_4_layers_s"] / r["compile_2_layers_s"]
+    else:
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 16
+
+
 def test_checkpoint_arm_reports_blocked_time():
     r = arm("checkpoint", steps=50)
     assert r["saves"] == 2 and 0 < r["blocked_fraction"] and r["save_blocked_ms"] > 0

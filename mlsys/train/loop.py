@@ -8,10 +8,11 @@ from dataclasses import asdict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mlsys import checkpoint, cost, data, sample
+from mlsys import checkpoint, cost, data, generate
 from mlsys.accel import log_platform
 from mlsys.config import Config, validate
 from mlsys.data.checks import check_batches, check_vocab
@@ -267,10 +268,12 @@ class PreemptionWatch:
 
 
 def draw_sample(eval_def, state, dataset, cfg: Config) -> str:
+    """trainer.sample_chars tokens continuing a newline (mlsys.generate: KV cache for the decoder families)."""
     tok = dataset.tokenizer  # the run's own (saved beside it): what the data was tokenized with
     prompt = tok.encode("\n").tolist() or [tok.specials.get("eos", tok.specials.get("bos", 0))]
-    block = family_of(cfg.model).max_len(cfg.model) or cfg.data.seq_len
-    tokens = sample.generate(eval_def, state.params, state.rest, jnp.asarray(prompt, jnp.int32),
-                             jax.random.key(cfg.seed), length=cfg.trainer.sample_chars, block_size=block,
-                             temperature=cfg.trainer.sample_temperature, top_k=cfg.trainer.sample_top_k)
-    return tok.decode(np.asarray(tokens)[len(prompt):])
+    model = nnx.merge(eval_def, state.params, state.rest)
+    out = generate.generate(model, [prompt], cfg.trainer.sample_chars, key=jax.random.key(cfg.seed),
+                            temperature=cfg.trainer.sample_temperature, top_k=cfg.trainer.sample_top_k,
+                            eos_id=tok.specials.get("eos"),
+                            block_size=family_of(cfg.model).max_len(cfg.model) or cfg.data.seq_len)
+    return tok.decode(out[0])
