@@ -44,7 +44,8 @@ def arm_decode(size: Size, cached: bool) -> dict:
     from flax import nnx
 
     from mlsys.generate import generate
-    from mlsys.models import GPT, DataSpec, GPTConfig
+    from mlsys.models import GPT, GPTConfig
+    from mlsys.spec import DataSpec
 
     new, prompt = (16, 8) if name_of(size) == "tiny" else (256, 64)
     cfg = GPTConfig(n_layer=size.n_layer, n_head=size.n_head, d_model=size.d_model, block_size=new + prompt,

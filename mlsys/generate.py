@@ -104,7 +104,7 @@ def _uncached(graphdef, params, rest, buf, lengths, key, temperature, *, block, 
 
 
 def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, *, key: jax.Array | None = None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+             temperature: float | int = 1.0, top_k: int = 0, top_p: float | int = 1.0, eos_id: int | None = None,
              cached: bool = True, block_size: int | None = None) -> list[list[int]]:
     """Continue each token list in `prompts` by up to `max_new_tokens` tokens (fewer where EOS came first; the
     EOS itself is not returned). temperature=0 is greedy decoding. Returns the continuations only. A model without
