@@ -106,7 +106,12 @@ def test_kv_cache_greedy_equals_uncached(family):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]  # different lengths in one batch
     cached = generate(model, prompts, 14, temperature=0)  # 8 + 14 <= block_size 24: within the block
     assert cached == generate(model, prompts, 14, temperature=0, cached=False)
-    assert any(len(set(c)) > 2 for c in cached)  # not a constant continuation
+    # A random model's greedy continuation may be one token repeated: sampled ones vary, and agree too (the same
+    # key draws the same tokens from logits that agree to float rounding).
+    key = jax.random.key(7)
+    sampled = generate(model, prompts, 14, key=key, temperature=1.0)
+    assert sampled == generate(model, prompts, 14, key=key, temperature=1.0, cached=False)
+    assert all(len(set(c)) > 3 for c in sampled)
     # Past the block the cache slides; sampling with top-k and top-p; EOS stops a row (and is not returned).
     long = generate(model, prompts, 40, key=jax.random.key(3), temperature=0.8, top_k=5, top_p=0.9)
     assert [len(c) for c in long] == [40, 40, 40] and all(0 <= t < 37 for c in long for t in c)

@@ -111,7 +111,9 @@ def rope_table(inv_freq: Array, t, max_len: int, positions: Int[Array, "B T"] | 
     """(cos, sin) for positions 0..T-1 (a table for max_len positions, sliced: T may be symbolic at export) or for
     the given per-row `positions` (packed documents, KV-cache decoding). Shapes broadcast to B T H D/2."""
     if positions is None:
-        angles = first(jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :], t)[None]  # 1 T D/2
+        # A plain [:t], not first(): jax2onnx sizes this slice of a computed table right, a lax.slice_in_dim of it
+        # becomes an ONNX Expand of the wrong shape (seen with jax2onnx 0.17.1).
+        angles = (jnp.arange(max_len, dtype=jnp.float32)[:, None] * inv_freq[None, :])[:t][None]  # 1 T D/2
     else:
         angles = positions.astype(jnp.float32)[..., None] * inv_freq  # B T D/2
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
@@ -184,8 +186,9 @@ class Attention(nnx.Module):
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))
             k, v = cache
-        if kv != h:  # each group of h/kv query heads reads one key/value head
-            k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
+        if kv != h:  # each group of h/kv query heads reads one key/value head (stacked copies, not jnp.repeat:
+            # its broadcast lowers to an ONNX Expand that a symbolic length breaks)
+            k, v = (jnp.stack([a] * (h // kv), axis=3).reshape(b, a.shape[1], h, hd) for a in (k, v))
         # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
         if mask is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
