@@ -34,6 +34,10 @@ TINY = {
 TINY["digits_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.stages=[1]", "model.width=8"]
 TINY["images_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.depth=0", "model.stages=[1]",
                          "model.width=8", "data.image_size=16", "data.batch_size=16"]
+TINY["shakespeare_bpe_llama"] = ["trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=0",
+                                 "trainer.ckpt_every=0", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                                 "model.n_kv_head=1", "data.seq_len=16", "data.batch_size=4", "data.eval_batches=2",
+                                 "data.vocab_size=300", "trainer.sample_chars=20"]
 # Presets that fine-tune another preset's run (trainer.init_from): the tests train that one first.
 BASE = {"shakespeare_char_lora": "shakespeare_char"}
 TINY["shakespeare_char_lora"] = TINY["shakespeare_char"]
