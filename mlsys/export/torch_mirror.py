@@ -195,10 +195,15 @@ def layers(blocks: dict) -> list[dict]:
     leading layer axis), in layer order."""
     if all(isinstance(k, int) for k in blocks):
         return [blocks[i] for i in sorted(blocks)]
-    n = len(np.asarray(next(iter(_leaves(blocks)))))
+    n = next(iter(_leaves(blocks))).shape[0]
 
     def take(tree, i):
-        return {k: take(v, i) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)[i]
+        if isinstance(tree, dict):
+            return {k: take(v, i) for k, v in tree.items()}
+        try:
+            return np.asarray(tree)[i]
+        except TypeError:  # an RNG key array (a dropout stream): not a weight
+            return None
 
     return [take(blocks, i) for i in range(n)]
 
