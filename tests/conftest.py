@@ -32,6 +32,8 @@ TINY = {
                          "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20"],
 }
 TINY["digits_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.stages=[1]", "model.width=8"]
+TINY["digits_vit"] = ["trainer.steps=10", "trainer.log_every=5", "model.n_layer=2", "model.d_model=16",
+                      "model.n_head=2"]
 TINY["images_resnet"] = ["trainer.steps=10", "trainer.log_every=5", "model.depth=0", "model.stages=[1]",
                          "model.width=8", "data.image_size=16", "data.batch_size=16"]
 TINY["shakespeare_bpe_llama"] = ["trainer.steps=10", "trainer.log_every=5", "trainer.eval_every=0",

@@ -11,7 +11,9 @@ from mlsys.models.cnn import CNN, CNNConfig
 from mlsys.models.gpt import GPT, GPTConfig
 from mlsys.models.llama import Llama, LlamaConfig
 from mlsys.models.resnet import ResNet, ResNetConfig
+from mlsys.models.vit import ViT, ViTConfig
 from mlsys.models.custom import CustomConfig, import_target
 
 __all__ = ["REGISTRY", "Family", "register", "family_of", "build_model", "import_target", "MLP", "CNN", "GPT",
-           "Llama", "MLPConfig", "CNNConfig", "GPTConfig", "LlamaConfig", "CustomConfig", "ResNet", "ResNetConfig"]
+           "Llama", "MLPConfig", "CNNConfig", "GPTConfig", "LlamaConfig", "CustomConfig", "ResNet", "ResNetConfig",
+           "ViT", "ViTConfig"]
