@@ -43,6 +43,26 @@ TINY["shakespeare_bpe_llama"] = ["trainer.steps=10", "trainer.log_every=5", "tra
 # Presets that fine-tune another preset's run (trainer.init_from): the tests train that one first.
 BASE = {"shakespeare_char_lora": "shakespeare_char"}
 TINY["shakespeare_char_lora"] = TINY["shakespeare_char"]
+TINY["corpus_llama"] = ["trainer.steps=6", "trainer.log_every=3", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                        "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1",
+                        "model.block_size=32", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2",
+                        "data.vocab_size=300", "data.workers=1", "trainer.sample_chars=8"]
+# Presets whose data.paths the user points at their files: the tests write a small corpus for them.
+CORPUS_PRESETS = {"corpus_llama"}
+
+
+def write_corpus(folder) -> str:
+    """A small corpus of tiny Shakespeare's paragraphs as .jsonl documents; returns the file's path."""
+    import json
+
+    from mlsys.data.sources import resolve_path
+
+    text = open(resolve_path("tinyshakespeare.txt"), encoding="utf-8").read()[:60_000]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "docs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in text.split("\n\n") if p)
+    return path
 
 
 def compose_cfg(overrides: list[str]):
@@ -89,6 +109,8 @@ def train_tiny(tmp_path):
         if exp in BASE and not any(e.startswith("trainer.init_from=") for e in extra):
             _, base_dir = run(BASE[exp], run_dir=f"{run_dir}_base")
             extra = (*extra, f"trainer.init_from={base_dir}")
+        if exp in CORPUS_PRESETS:
+            extra = (f"data.paths=[{write_corpus(tmp_path / 'corpus')}]", f"data.cache_dir={tmp_path / 'cache'}", *extra)
         return train(typed_cfg(tiny(exp, *extra)), run_dir), run_dir
 
     return run
