@@ -108,6 +108,15 @@ def test_bad_inputs(tmp_path):
     (bad / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(DataError, match=r"rows.jsonl:2: no text field 'text' \(the row has \['body'\]\)"):
         load_corpus(CorpusConfig(**{**c.__dict__, "paths": [str(bad / "rows.jsonl")]}))
+    (bad / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: not a JSON object"):
+        load_corpus(CorpusConfig(**{**c.__dict__, "paths": [str(bad / "broken.jsonl")]}))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), bad / "cols.parquet")
+    with pytest.raises(DataError, match=r"cols.parquet: no column 'text' \(it has \['body'\]\)"):
+        load_corpus(CorpusConfig(**{**c.__dict__, "paths": [str(bad / "cols.parquet")]}))
     (bad / "tiny.txt").write_text("one\n\ntwo\n\nthree\n\nfour\n\n")
     with pytest.raises(DataError, match=r"the train split has 3 documents, .* fewer than one batch"):
         load_corpus(CorpusConfig(**{**c.__dict__, "paths": [str(bad / "tiny.txt")], "val_fraction": 0.25}))
