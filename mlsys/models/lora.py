@@ -66,8 +66,9 @@ class LoRALinear(nnx.Linear):
         if quantize:  # QLoRA: the frozen kernel only as codes and scales (trainer.init_from fills them)
             codes, scales = quant.quantize(base.kernel.get_value(), quantize)
             self.kernel_codes = Frozen(codes, **_meta(base.kernel, names))
-            self.kernel_scale = Frozen(scales, **_meta(base.kernel, (names[1],) if quantize == "int8"
-                                                       else (None, names[1])))
+            lead_names = names[:-2]  # a scanned stack's layer axis
+            self.kernel_scale = Frozen(scales, **_meta(base.kernel, (*lead_names, names[-1]) if quantize == "int8"
+                                                       else (*lead_names, None, names[-1])))
             del self.kernel
         # The adapters shard like the kernel they adapt: A along its input axis, B along its output axis. A kernel
         # of a scanned layer stack has a leading layer axis: its adapters get one too (one pair per layer).

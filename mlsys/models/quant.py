@@ -4,6 +4,7 @@
 axis), so they shard exactly like the kernel they replace. `dequantize` runs inside the jitted matmul: XLA fuses it
 into the product's operand, the float kernel is never stored."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,8 +25,11 @@ def nf4_block(n_in: int) -> int:
 
 def quantize(kernel, mode: str) -> tuple:
     """(codes, scales) of a float (in, out) kernel: int8 codes (in, out) and float32 scales (out,), or NF4 codes
-    packed two per uint8 (in/2, out) and float32 scales (in/block, out). Traceable (runs under jit)."""
+    packed two per uint8 (in/2, out) and float32 scales (in/block, out). Traceable (runs under jit). A kernel of a
+    scanned layer stack (L, in, out) is quantized layer by layer (leading axes kept)."""
     w = jnp.asarray(kernel, jnp.float32)
+    if w.ndim > 2:
+        return jax.vmap(lambda k: quantize(k, mode))(w)
     if mode == "int8":
         scale = jnp.max(jnp.abs(w), axis=0) / 127.0
         safe = jnp.where(scale > 0, scale, 1.0)
@@ -40,7 +44,9 @@ def quantize(kernel, mode: str) -> tuple:
 
 
 def dequantize(codes, scale, mode: str, dtype=jnp.float32):
-    """The float (in, out) kernel that `quantize` encoded, in `dtype`."""
+    """The float (in, out) kernel that `quantize` encoded, in `dtype` (layer by layer for stacked codes)."""
+    if codes.ndim > 2:
+        return jax.vmap(lambda c, s: dequantize(c, s, mode, dtype))(codes, scale)
     if mode == "int8":
         return (codes.astype(jnp.float32) * scale).astype(dtype)
     low, high = codes & 0xF, codes >> 4
@@ -53,6 +59,6 @@ def dequantize(codes, scale, mode: str, dtype=jnp.float32):
 
 def check_shape(shape, mode: str, where: str) -> str | None:
     """Why a kernel of `shape` cannot be stored in `mode` (None when it can)."""
-    if mode == "nf4" and shape[0] % 2:
-        return f"{where}: NF4 packs two input rows per byte, but the kernel has {shape[0]} (odd) input rows"
+    if mode == "nf4" and shape[-2] % 2:
+        return f"{where}: NF4 packs two input rows per byte, but the kernel has {shape[-2]} (odd) input rows"
     return None
