@@ -349,7 +349,8 @@ def open_cache(folder: str) -> tuple[np.memmap, np.ndarray]:
     """(tokens memmap, document start offsets with the end appended) of a whole cache."""
     meta = json.load(open(os.path.join(folder, "meta.json")))
     tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return tokens, np.load(os.path.join(folder, "docs.npy"))
+    docs = os.path.join(folder, "docs.npy")
+    return tokens, np.load(docs, allow_pickle=False)
 
 
 def cached(units: list[Unit], digest: str, reading: Reading, tok, cache_dir: str, workers: int):
