@@ -267,7 +267,7 @@ def _restore_steps(run_dir: str, step: int | None, read):
                 raise
             except Exception as e:  # orbax raises many types for bad bytes in a step; report and fall back
                 errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            log.warning("checkpoint %s is damaged (%s); trying the one before", errors[-1], directory)
+            log.warning("checkpoint in %s is damaged, %s; trying the one before", directory, errors[-1])
     finally:
         manager.close()
     detail = "; ".join(errors) if errors else "no steps found"
