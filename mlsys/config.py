@@ -34,7 +34,9 @@ class TrainerConfig:
     step: str = "jit"  # "jit" (GSPMD places the collectives) or "shard_map" (explicit collectives, same numbers)
     grad_accum: int = 1  # micro-batches per step (lax.scan); data.batch_size stays the batch of one step
     profile: list[int] = field(default_factory=list)  # [start, stop]: a jax.profiler trace of those steps
-    compile_cache: str = "~/.cache/mlsys/jax"  # persistent compilation cache shared by runs; "" = off
+    # A persistent compilation cache shared by runs (e.g. "~/.cache/mlsys/jax"); "" = off. Off by default: with
+    # jaxlib 0.10.2 on CPU, some executables loaded back from it (scanned llama steps on 8 devices) abort the process.
+    compile_cache: str = ""
     peak_tflops: Optional[float] = None  # the device's peak for MFU; None = the table in mlsys/perf.py (measured on CPU)
     on_nan: str = "stop"  # NaN/Inf loss or gradient: "stop" (error naming the step) or "skip" (no update, counted)
     max_nan_skips: int = 10  # on_nan=skip: stop after this many skipped steps in a row

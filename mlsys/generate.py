@@ -27,7 +27,7 @@ def pick(logits, key, temperature, *, greedy: bool, top_k: int, top_p: float):
     if top_p < 1.0:  # the smallest set of tokens whose probabilities add up to top_p (the most likely always in)
         order = jnp.sort(logits, -1)[:, ::-1]
         probs = jax.nn.softmax(order, -1)
-        before = jnp.cumsum(probs, -1) - probs  # probability mass strictly above each sorted token
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted token
         cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), -1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits).astype(jnp.int32)
