@@ -10,7 +10,7 @@ ifeq ($(filter $(ACCEL),cpu cuda tpu),)
 $(error ACCEL=$(ACCEL): must be one of cpu, cuda, tpu (e.g. make run ACCEL=cuda))
 endif
 comma := ,
-EXTRAS := dev,bench,export,serve,track,sweep,lm,data$(if $(filter-out cpu,$(ACCEL)),$(comma)$(ACCEL))
+EXTRAS := dev,bench,export,serve,track,sweep,lm,data,hf$(if $(filter-out cpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 EXP ?= digits_mlp
 ARGS ?=
