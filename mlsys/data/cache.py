@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlsys.errors import DataError
+from mlsys.hashing import sha256_file
 
 log = logging.getLogger("mlsys")
 FORMAT = 1  # bump when the layout or the document rules change: old caches are then never read
@@ -310,7 +311,7 @@ def _build_into(tmp: str, units: list[Unit], reading: Reading, tok, workers: int
     np.save(os.path.join(tmp, "docs.npy"), starts)
     meta = {"format": FORMAT, "n_tokens": int(starts[-1]), "n_docs": len(doc_lengths),
             "dtype": np.dtype(tok.dtype).name, "tokens_sha256": h.hexdigest(),
-            "docs_sha256": _sha256(os.path.join(tmp, "docs.npy")), "tokenizer": tok.describe(),
+            "docs_sha256": sha256_file(os.path.join(tmp, "docs.npy")), "tokenizer": tok.describe(),
             "reading": asdict(reading), "files": sorted({u.path for u in units})}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -318,14 +319,6 @@ def _build_into(tmp: str, units: list[Unit], reading: Reading, tok, workers: int
 
 def _groups(unit: Unit, units: list[Unit]) -> int:
     return sum(1 for u in units if u.path == unit.path)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def problem(folder: str) -> str | None:
@@ -338,7 +331,7 @@ def problem(folder: str) -> str | None:
             return f"format {meta.get('format')}, not {FORMAT}"
         if os.path.getsize(tokens) != want:
             return f"tokens.bin has {os.path.getsize(tokens)} bytes, {want} expected (truncated)"
-        if _sha256(tokens) != meta["tokens_sha256"] or _sha256(os.path.join(folder, "docs.npy")) != meta["docs_sha256"]:
+        if sha256_file(tokens) != meta["tokens_sha256"] or sha256_file(os.path.join(folder, "docs.npy")) != meta["docs_sha256"]:
             return "its content does not match the checksum in meta.json (edited)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({e})"

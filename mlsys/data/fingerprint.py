@@ -13,6 +13,8 @@ from importlib import resources
 
 import yaml
 
+from mlsys.hashing import sha256_file
+
 log = logging.getLogger("mlsys")
 
 # Keys that say how the data is read, not what it is: they do not change the fingerprint.
@@ -27,11 +29,7 @@ def _sha256_file(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _CACHE[key] = h.hexdigest()
+        _CACHE[key] = sha256_file(path)
     return _CACHE[key]
 
 

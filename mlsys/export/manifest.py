@@ -2,7 +2,6 @@
 manifest.json in manifest.sig, and the public key in public_key.pem. `verify` checks all of it."""
 
 import base64
-import hashlib
 import json
 import os
 
@@ -11,20 +10,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mlsys.errors import MlsysError
+from mlsys.hashing import sha256_file
 
 SIGNED = ("manifest.json", "manifest.sig", "public_key.pem")
 
 
 class VerifyError(MlsysError):
     """An export folder's files or signature do not match its manifest."""
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def key_path() -> str:
@@ -58,7 +50,7 @@ def signing_key() -> Ed25519PrivateKey:
 
 def write_signed(export_dir: str, manifest: dict) -> None:
     """Hash every file of the folder into the manifest, write it, sign it, and put the public key beside it."""
-    manifest["files"] = {name: sha256(os.path.join(export_dir, name)) for name in sorted(os.listdir(export_dir))
+    manifest["files"] = {name: sha256_file(os.path.join(export_dir, name)) for name in sorted(os.listdir(export_dir))
                          if name not in SIGNED and os.path.isfile(os.path.join(export_dir, name))}
     body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     key = signing_key()
@@ -94,7 +86,7 @@ def verify(export_dir: str, public_key: str | None = None) -> dict:
     for name, digest in listed.items():
         if not os.path.isfile(path(name)):
             raise VerifyError(f"{path(name)}: listed in the manifest but missing")
-        if sha256(path(name)) != digest:
+        if sha256_file(path(name)) != digest:
             raise VerifyError(f"{path(name)}: sha256 differs from the manifest's; the file was changed")
     extra = [n for n in os.listdir(export_dir) if n not in listed and n not in SIGNED]
     if extra:
