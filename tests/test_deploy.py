@@ -75,6 +75,8 @@ def test_sbatch_and_dockerfile_run_the_same_entry_point():
     docker = open(os.path.join(DEPLOY, "Dockerfile")).read()
     assert 'ENTRYPOINT ["python", "-m", "experiments.run"]' in docker and "constraints.txt" in docker
     assert "USER mlsys" in docker
+    # +sweep=... needs the sweeper plugin and its extra inside the image.
+    assert "COPY hydra_plugins ./hydra_plugins" in docker and '".[sweep,lm]"' in docker
 
 
 def cluster_env(kind: str, i: int, port: int) -> dict:
