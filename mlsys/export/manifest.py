@@ -48,10 +48,21 @@ def signing_key() -> Ed25519PrivateKey:
     return key
 
 
+def listing(export_dir: str) -> list[str]:
+    """Every file of the folder, subfolders included (a Hugging Face folder, hf/), as relative '/' paths; the
+    signature's own files excluded."""
+    out = []
+    for root, dirs, files in os.walk(export_dir):
+        dirs.sort()
+        rel = os.path.relpath(root, export_dir)
+        out += [name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}" for name in sorted(files)]
+    return [name for name in out if name not in SIGNED]
+
+
 def write_signed(export_dir: str, manifest: dict) -> None:
-    """Hash every file of the folder into the manifest, write it, sign it, and put the public key beside it."""
-    manifest["files"] = {name: sha256_file(os.path.join(export_dir, name)) for name in sorted(os.listdir(export_dir))
-                         if name not in SIGNED and os.path.isfile(os.path.join(export_dir, name))}
+    """Hash every file of the folder (subfolders too) into the manifest, write it, sign it, and put the public key
+    beside it."""
+    manifest["files"] = {name: sha256_file(os.path.join(export_dir, name)) for name in listing(export_dir)}
     body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     key = signing_key()
     with open(os.path.join(export_dir, "manifest.json"), "wb") as f:
@@ -88,7 +99,7 @@ def verify(export_dir: str, public_key: str | None = None) -> dict:
             raise VerifyError(f"{path(name)}: listed in the manifest but missing")
         if sha256_file(path(name)) != digest:
             raise VerifyError(f"{path(name)}: sha256 differs from the manifest's; the file was changed")
-    extra = [n for n in os.listdir(export_dir) if n not in listed and n not in SIGNED]
+    extra = [n for n in listing(export_dir) if n not in listed]
     if extra:
         raise VerifyError(f"{path(extra[0])}: not in the manifest; the folder was changed after signing")
     return manifest
