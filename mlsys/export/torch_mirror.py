@@ -105,7 +105,9 @@ class Block(nn.Module):
         self.rope = cfg["pos_emb"] == "rope"
         self.register_buffer("inv_freq", inv_frequencies(cfg, hd), persistent=False)
         self.ln_1, self.ln_2 = norm(cfg), norm(cfg)
-        self.qkv, self.proj = nn.Linear(d, (self.n_head + 2 * self.n_kv) * hd, bias=b), nn.Linear(d, d, bias=b)
+        self.qkv = nn.Linear(d, (self.n_head + 2 * self.n_kv) * hd, bias=b or cfg.get("qkv_bias", False))
+        self.proj = nn.Linear(d, d, bias=b)
+        self.gelu = "tanh" if cfg.get("gelu_approximate") else "none"
         self.fc, self.fc_out = nn.Linear(d, dff, bias=b), nn.Linear(dff, d, bias=b)
         self.gate = nn.Linear(d, dff, bias=b) if cfg.get("mlp", "gelu") == "swiglu" else None
 
@@ -122,7 +124,7 @@ class Block(nn.Module):
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         normed = self.ln_2(x)
         hidden = self.fc(normed)
-        hidden = F.gelu(hidden) if self.gate is None else F.silu(self.gate(normed)) * hidden
+        hidden = F.gelu(hidden, approximate=self.gelu) if self.gate is None else F.silu(self.gate(normed)) * hidden
         return x + self.fc_out(hidden)
 
 

@@ -51,6 +51,8 @@ class TransformerConfig:
     mlp: str = "gelu"  # one of MLPS
     tie_embeddings: bool = True
     bias: bool = True
+    qkv_bias: bool = False  # biases on the query/key/value projection even with bias=False (Qwen2)
+    gelu_approximate: bool = False  # mlp=gelu: the tanh approximation (GPT-2's "gelu_new") instead of exact GELU
     dropout: float = 0.0
     norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype (bfloat16 for mixed precision); norms, softmax, logits, loss in float32
@@ -160,7 +162,8 @@ class Attention(nnx.Module):
         d, h, kv = cfg.d_model, cfg.n_head, kv_heads(cfg)
         self.n_head, self.n_kv_head, self.head_dim = h, kv, d // h
         self.implementation = ATTENTION[cfg.attention]
-        self.qkv = linear(cfg, d, (h + 2 * kv) * self.head_dim, ("embed", "heads"), 0.02, rngs)
+        self.qkv = linear(cfg, d, (h + 2 * kv) * self.head_dim, ("embed", "heads"), 0.02, rngs,
+                          bias=cfg.bias or cfg.qkv_bias)
         # GPT-2: residual projections start smaller, by 1/sqrt(2 * n_layer).
         self.proj = linear(cfg, h * self.head_dim, d, ("heads", "embed"), 0.02 / sqrt(2 * cfg.n_layer), rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -205,11 +208,15 @@ class MLP(nnx.Module):
         self.fc = linear(cfg, d, dff, ("embed", "mlp"), 0.02, rngs)
         self.proj = linear(cfg, dff, d, ("mlp", "embed"), 0.02 / sqrt(2 * cfg.n_layer), rngs)
         self.gate = nnx.data(linear(cfg, d, dff, ("embed", "mlp"), 0.02, rngs) if cfg.mlp == "swiglu" else None)
+        self.gelu_approximate = cfg.gelu_approximate
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         h = self.fc(x)
-        h = jax.nn.gelu(h, approximate=False) if self.gate is None else jax.nn.silu(self.gate(x)) * h  # exact GELU
+        if self.gate is None:  # exact GELU unless the model was trained with the tanh form (GPT-2)
+            h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+        else:
+            h = jax.nn.silu(self.gate(x)) * h
         return self.dropout(self.proj(constrain(h, ("batch", "seq", "mlp"))))
 
 
