@@ -177,3 +177,156 @@ def test_logits_match_transformers(hf, kind):
         with torch.no_grad():
             got = mirror(torch.tensor(toks, dtype=torch.long)).numpy()
         np.testing.assert_allclose(got[..., :cfg.vocab_size], want, atol=1e-4, rtol=0)
+
+
+def test_born_sharded_on_fsdp_through_init_from(hf):
+    """trainer.init_from=hf: on the 8-device fsdp mesh: every parameter lands in the trainer's own sharding, and
+    the model computes transformers' logits."""
+    from mlsys.train.build import build
+    from mlsys.train.pretrained import apply_hf_model, load_pretrained
+    from tests.conftest import typed_cfg
+
+    folder, ref = hf["llama"]
+    cfg = typed_cfg(["model=llama", "data=synthetic", "data.seq_len=16", "data.batch_size=8", "mesh=fsdp",
+                     "model.remat=full", f"trainer.init_from=hf:{folder}", "logger=jsonl"])
+    apply_hf_model(cfg)
+    assert (cfg.model.n_kv_head, cfg.model.d_model, cfg.model.remat) == (2, 48, "full")
+    spec = DataSpec("lm", (16,), "int32", cfg.model.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    run = build(cfg, spec, mesh, 1)
+    state, step = load_pretrained(cfg.trainer.init_from, cfg, spec, run.state, mesh)
+    got = {p: v.get_value().sharding for p, v in nnx.to_flat_state(state.params)}
+    want = {p: s.get_value() for p, s in nnx.to_flat_state(run.shardings.params)}
+    assert got == want and step == 0
+    assert any("fsdp" in str(s.spec) for s in got.values())  # really split, not replicated
+    toks = tokens(cfg.model.vocab_size)
+    ours = nnx.merge(run.eval_def, state.params, state.rest)(jnp.asarray(toks))
+    np.testing.assert_allclose(np.asarray(ours), reference_logits(ref, toks), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_generation_matches_transformers(hf, kind):
+    from mlsys.generate import generate
+
+    folder, ref = hf[kind]
+    model, _, cfg = imported_model(folder, make_mesh(MeshConfig()), MeshConfig().param_rules)
+    prompts = tokens(cfg.vocab_size, (2, 5))
+    ours = generate(model, prompts.tolist(), 12, temperature=0)
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(prompts, dtype=torch.long), max_new_tokens=12, do_sample=False,
+                              min_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    assert ours == theirs[:, 5:].tolist()
+
+
+def test_sharded_checkpoint_imports_like_one_file(hf, tmp_path):
+    folder, ref = hf["gpt2"]
+    split = str(tmp_path / "split")
+    ref.save_pretrained(split, max_shard_size="40KB")
+    assert len([f for f in os.listdir(split) if f.endswith(".safetensors")]) >= 2
+    assert os.path.isfile(os.path.join(split, "model.safetensors.index.json"))
+    mesh = make_mesh(MeshConfig())
+    one, _, _ = imported_model(folder, mesh, MeshConfig().param_rules)
+    two, _, _ = imported_model(split, mesh, MeshConfig().param_rules)
+    for a, b in zip(jax.tree.leaves(nnx.state(one, nnx.Param)), jax.tree.leaves(nnx.state(two, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_import_command_writes_a_run_every_tool_reads(hf, tmp_path):
+    """experiments.import_hf → a run dir that load_run (export, generate, serve) reads: same logits, its tokenizer;
+    then trainer.init_from=<that run> trains from it."""
+    from experiments.import_hf import main
+    from mlsys.export.restore import load_run
+
+    folder, ref = hf["gpt2"]
+    out = str(tmp_path / "imported")
+    main([folder, f"out={out}"])
+    run = load_run(out)
+    assert run.cfg.model.gelu_approximate and run.dataset.tokenizer.vocab_size == run.cfg.model.vocab_size
+    toks = tokens(run.cfg.model.vocab_size)
+    np.testing.assert_allclose(np.asarray(run.model(jnp.asarray(toks))), reference_logits(ref, toks), atol=1e-4,
+                               rtol=0)
+    with pytest.raises(SystemExit):  # nothing is overwritten
+        main([folder, f"out={out}"])
+
+
+@pytest.mark.slow
+def test_fine_tune_starts_from_an_hf_folder(hf, tmp_path):
+    from mlsys.config import load_saved
+    from mlsys.train import train
+    from tests.conftest import typed_cfg
+
+    folder, _ = hf["llama"]
+    cfg = typed_cfg(["data=text", f"data.tokenizer={folder}/tokenizer.json", "data.seq_len=16", "data.batch_size=8",
+                     "data.eval_batches=1", "trainer.steps=2", "trainer.log_every=1", "trainer.sample_chars=0",
+                     "logger=jsonl", "trainer.progress=false", f"trainer.init_from=hf:{folder}"])
+    results = train(cfg, str(tmp_path / "run"))
+    saved = load_saved(str(tmp_path / "run"))
+    assert saved.model.name == "llama" and saved.model.n_kv_head == 2 and saved.trainer.init_from == f"hf:{folder}"
+    assert results["train"]["loss"] < 7  # a random 288-token model starts near ln(288) = 5.7, not from scratch noise
+
+
+# --- bad input: one line naming the file or key and the fix; nothing written -------------------------------------
+
+def _copy(folder: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(folder, dst)
+    return str(dst)
+
+
+def _rewrite(folder: str, change):
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_config", r"config.json: missing"),
+    ("bert", r"model_type='bert' is not supported; mlsys imports gpt2 \(GPT2LMHeadModel\), llama"),
+    ("missing", r"tensor transformer.h.1.mlp.c_fc.bias missing from the safetensors files"),
+    ("extra", r"tensor score.weight \(model.safetensors\) is not part of the model"),
+    ("shape", r"tensor transformer.wpe.weight is \[32, 32\] in model.safetensors, config.json implies \[64, 32\]"),
+    ("pickle", r"only pytorch_model.bin \(pickled torch weights.*save_pretrained"),
+    ("tokenizer", r"tokenizer.json has \d+ ids but the model has 200 embedding rows"),
+])
+def test_bad_folders_fail_with_one_line_and_write_nothing(hf, tmp_path, capsys, case, match):
+    from experiments.import_hf import main
+
+    folder = _copy(hf["gpt2"][0], tmp_path / "src")
+    config = os.path.join(folder, "config.json")
+    raw = json.load(open(config))
+    if case == "no_config":
+        os.remove(config)
+    elif case in ("bert", "tokenizer"):
+        raw |= {"model_type": "bert"} if case == "bert" else {"vocab_size": 200}
+        json.dump(raw, open(config, "w"))
+    elif case == "missing":
+        _rewrite(folder, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    elif case == "extra":
+        _rewrite(folder, lambda t: t.update({"score.weight": np.zeros((2, 32), np.float32)}))
+    elif case == "shape":
+        _rewrite(folder, lambda t: t.update({"transformer.wpe.weight": t["transformer.wpe.weight"][:32]}))
+    elif case == "pickle":
+        os.replace(os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main([folder, f"out={out}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert pytest.importorskip("re").search(match, err), err
+    assert not out.exists() and not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_overrides_that_contradict_config_json_are_named(hf):
+    from mlsys.train.pretrained import apply_hf_model
+    from tests.conftest import typed_cfg
+
+    folder, _ = hf["llama"]
+    cfg = typed_cfg(["model=llama", "model.n_head=8", "model.norm_eps=0.1", f"trainer.init_from=hf:{folder}"])
+    with pytest.raises(ConfigError, match=r"config.json contradicts the model overrides given with it: "
+                                          r"model.n_head=8 \(config.json: 4\); model.norm_eps=0.1"):
+        apply_hf_model(cfg)

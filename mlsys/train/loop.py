@@ -25,7 +25,7 @@ from mlsys.parallel import activation_sharding, bytes_per_device, init_distribut
 from mlsys.tracking import Tracker, environment
 from mlsys.train.build import build
 from mlsys.train.guard import NumericsGuard
-from mlsys.train.pretrained import inherit_prune, load_pretrained
+from mlsys.train.pretrained import apply_hf_model, hf_folder, inherit_prune, load_pretrained
 from mlsys.train.resume import check_same_data
 
 log = logging.getLogger("mlsys")
@@ -60,6 +60,7 @@ def train(cfg: Config, run_dir: str) -> dict:
         log_platform(log)  # which platform, and a warning when an installed CUDA/TPU build went unused
 
     # --- Checks: everything a config can get wrong fails here, before anything is compiled.
+    apply_hf_model(cfg)  # trainer.init_from=hf:<folder>: its config.json decides the model's keys
     validate(cfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     resume_dir = checkpoint.find_run(t.resume, run_dir) if t.resume else None
     cost_before = cost.previous(resume_dir)  # read before this run's env.json may overwrite it (same run dir)
@@ -103,7 +104,8 @@ def train(cfg: Config, run_dir: str) -> dict:
 
     # --- Fine-tuning: another run's weights (a resumed run has them in its own checkpoint already).
     if t.init_from and not resume_dir:
-        t.init_from = os.path.abspath(t.init_from)  # recorded in config.yaml: where the weights came from
+        if hf_folder(t.init_from) is None:
+            t.init_from = os.path.abspath(t.init_from)  # recorded in config.yaml: where the weights came from
         state, from_step = load_pretrained(t.init_from, cfg, dataset.spec, state, mesh)
         log.info("initialised from %s (step %d); training %s of %s parameters (%.2f%%)", t.init_from, from_step,
                  f"{n_trainable:,}", f"{n_params:,}", 100 * n_trainable / n_params)

@@ -81,10 +81,32 @@ def inherit_prune(cfg: Config, run_dir: str) -> None:
         cfg.prune = base.prune
 
 
+HF = "hf:"  # trainer.init_from=hf:<folder>: a Hugging Face model folder (mlsys/hf)
+
+
+def hf_folder(init_from: str | None) -> str | None:
+    """The Hugging Face folder trainer.init_from names (hf:<folder>), else None."""
+    return init_from[len(HF):] if init_from and init_from.startswith(HF) else None
+
+
+def apply_hf_model(cfg: Config) -> None:
+    """trainer.init_from=hf:<folder>: the folder's config.json decides the model keys it maps (the user's model
+    overrides must agree with it); the folder is recorded by its absolute path."""
+    from mlsys.hf.config import apply, read_config
+
+    folder = hf_folder(cfg.trainer.init_from)
+    if folder is not None:
+        cfg.trainer.init_from = HF + os.path.abspath(folder)
+        cfg.model = apply(cfg.model, read_config(folder), os.path.join(folder, "config.json"))
+
+
 def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
-    """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint."""
+    """`state` (this run's fresh TrainState) with its weights replaced by `run_dir`'s latest checkpoint (or, for
+    hf:<folder>, by a Hugging Face model's weights)."""
     from mlsys.train.build import restore_model  # build imports this module's neighbours; import late
 
+    if hf_folder(run_dir) is not None:
+        return load_hf(hf_folder(run_dir), cfg, spec, state), 0
     try:
         base = load_saved(run_dir)
     except CheckpointError as e:
@@ -117,3 +139,49 @@ def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
     loaded = state.replace(params=take(state.params), rest=take(state.rest))
     loaded = jax.device_put(loaded, jax.tree.map(lambda x: x.sharding, state))
     return loaded, step
+
+
+def load_hf(folder: str, cfg: Config, spec, state):
+    """`state` with its weights streamed from a Hugging Face folder, each parameter born in the sharding the fresh
+    one had (whose buffer is freed at once: never two copies of the model). LoRA adapters keep their
+    initialisation; QLoRA quantizes each kernel as it arrives. The model config was set from config.json before
+    the state was built (mlsys.hf.config.apply, in the loop)."""
+    from mlsys.hf.load import HFSource
+
+    key = f"trainer.init_from={HF}{folder}"
+    quantized = {}
+    with HFSource(folder, cfg.model, cfg.model.vocab_size or spec.num_classes) as src:
+        ours = {p for p in _as_trained(_weights(nnx.state(abstract_model(cfg.model, spec, cfg.seed, cfg.lora,
+                                                                          cfg.prune))))}
+        missing = [_path(p) for p in src.entries if p not in ours]
+        if missing:
+            raise ConfigError(f"{key}: this model has no parameter {', '.join(missing[:4])}; leave the model keys "
+                              f"to config.json")
+
+        def value(p, v):
+            if p[-1] in QUANTIZED:
+                kernel = (*p[:-1], "kernel")
+                if kernel not in quantized:
+                    codes = v.get_value()
+                    full = src.array(kernel, jax.sharding.NamedSharding(codes.sharding.mesh, codes.sharding.spec),
+                                     "float32")
+                    quantized[kernel] = quantize(full, cfg.lora.quantize_base)
+                    full.delete()
+                return _swap(v, quantized[kernel][QUANTIZED.index(p[-1])])
+            if p in src.entries and isinstance(v, WEIGHTS) and not isinstance(v, nnx.LoRAParam):
+                old = v.get_value()
+                return _swap(v, src.array(p, old.sharding, old.dtype))
+            return v
+
+        def take(st: nnx.State) -> nnx.State:
+            return nnx.from_flat_state([(p, value(p, v)) for p, v in nnx.to_flat_state(st)])
+
+        return state.replace(params=take(state.params), rest=take(state.rest))
+
+
+def _swap(v, new):
+    """v holding `new`; v's old buffer is deleted now rather than whenever the last reference goes."""
+    old = v.get_value()
+    out = v.replace(jax.device_put(new, old.sharding) if new.sharding != old.sharding else new)
+    old.delete()
+    return out
