@@ -48,9 +48,10 @@ def runs(tmp_path_factory):
 def test_export_every_family_with_parity(runs, tmp_path, family):
     out = export_run(runs[family], out=str(tmp_path / "export"), quantize="int8")
     m = verify(out)
-    tokenizer = {"vocab.json"} if family == "gpt" else set()  # the run's tokenizer travels with the model
+    # The run's tokenizer travels with the model, and the KV-cache decoder (tests/test_lm_export.py) too.
+    lm = {"vocab.json", "decoder.onnx", "decoder.int8.onnx"} if family == "gpt" else set()
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2",
-                               "reference_stats.json", *tokenizer}
+                               "reference_stats.json", *lm}
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
     assert m["family"] == family and m["source"]["step"] > 0 and m["source"]["run_dir"] == runs[family]
     sess = ort_session(os.path.join(out, "model.onnx"))

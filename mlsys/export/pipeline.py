@@ -79,6 +79,8 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
             if quantize == "int8":
                 manifest["int8"] = int8(run, tmp, fp32, to_raw)
                 manifest["formats"].append("onnx-int8")
+            if spec.task == "lm":  # text generation: the KV-cache decoder, gated against mlsys.generate
+                manifest["decoder"] = decoder(run, tmp, x, quantize, tol)
         if "torch" in formats:
             if "torch" in family.mirrors:
                 from mlsys.export.torch_export import export_torch
@@ -104,6 +106,21 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
     os.rename(tmp, out)
     mlflow_attach(run.run_dir, os.path.join(out, "manifest.json"))  # a run tracked in MLflow gets its manifest
     return out
+
+
+def decoder(run: LoadedRun, folder: str, x: np.ndarray, quantize: str | None, tol: float) -> dict | None:
+    """decoder.onnx for a model with a growing KV cache (Decoder.step: gpt, llama); None for other language
+    models (their exports serve logits only). Two held-out prompts of different lengths (a ragged batch)."""
+    if not hasattr(run.model, "step"):
+        print(f"note: model={run.cfg.model.name} has no KV-cache decoder: the export has no decoder.onnx, so the "
+              f"server cannot generate text with it")
+        return None
+    from mlsys.export.decoder_export import export_decoder
+
+    # 64 new tokens after a 16-token prompt where the block has room; fewer (recorded) where it has not.
+    n = min(x.shape[1], 16, max(4, family_of(run.cfg.model).max_len(run.cfg.model) - 64))
+    prompts = [x[0, :n].tolist(), x[1, : max(1, n // 2)].tolist()]
+    return export_decoder(run, folder, prompts, quantize, tol)
 
 
 def preprocessing(run: LoadedRun, folder: str | None = None) -> dict:

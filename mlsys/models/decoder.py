@@ -11,9 +11,9 @@ from mlsys.errors import check, one_of
 from mlsys.models.common import dense_init, dtype_of
 from mlsys.models.family import Family
 from mlsys.models.stack import layer_count, run_blocks, stack_modules
-from mlsys.models.transformer import (ATTENTION, MLPS, NORMS, POS_EMBS, REMAT, Block, RopeSpec, TransformerConfig,
-                                      cache_mask, ffn_width, first, flops_per_token, kv_heads, make_norm,
-                                      rope_frequencies, rope_table, segment_mask)
+from mlsys.models.transformer import (ATTENTION, MLPS, NORMS, POS_EMBS, REMAT, Block, Past, RopeSpec,
+                                      TransformerConfig, cache_mask, ffn_width, first, flops_per_token, kv_heads,
+                                      make_norm, past_mask, rope_frequencies, rope_table, segment_mask)
 from mlsys.parallel import constrain
 from mlsys.spec import DataSpec
 
@@ -69,6 +69,18 @@ class Decoder(nnx.Module):
         """Logits of `tokens` at `positions` (absolute, per row), their keys and values written into the KV
         cache at those slots; each token attends to every slot up to its own position. Returns (logits, cache)."""
         return self._forward(tokens, positions, cache_mask(positions, cache[0].shape[2]), cache)
+
+    def step(self, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B S"], positions: Int[Array, "B T"],
+             past: Past) -> tuple:
+        """The growing-cache form of `decode` (the ONNX decoder's): `tokens` at `positions` attend to the real
+        slots (attention_mask 1) of past + themselves; their keys and values are appended to `past` (L B P K Dh
+        each; S = P + T). Rows may be left-padded or ragged. Returns (logits, Past of L B S K Dh)."""
+        return self._forward(tokens, positions, past_mask(attention_mask, positions), past)
+
+    def empty_past(self, batch: int) -> Past:
+        """A Past holding nothing yet (P = 0) for `batch` rows."""
+        shape = (layer_count(self.blocks), batch, 0, *self.cache_heads)
+        return Past(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
     def init_cache(self, batch: int) -> tuple:
         """An empty KV cache for `batch` rows: (keys, values), each n_layer B block_size n_kv_head head_dim."""

@@ -37,18 +37,18 @@ def _run(block, x, *args):
 def run_blocks(blocks, x, args: tuple, cache=None, remat_policy=None, remat: bool = False, unroll: bool = False,
                draws_rngs: bool = True):
     """x through every block; args (rope, mask, positions) are shared by all layers; cache: (keys, values), each
-    L B S K Dh, or None. Returns (x, cache). unroll=True runs a scanned stack as a Python loop over its layers
-    (ONNX export: one graph node per layer instead of a loop). draws_rngs=False (no active dropout): the RNG
+    L B S K Dh (a tuple, or a transformer.Past that grows), or None. Returns (x, cache). unroll=True runs a
+    scanned stack as a Python loop over its layers (ONNX export: one graph node per layer instead of a loop). draws_rngs=False (no active dropout): the RNG
     streams did not move and are not written back, so the model may be called inside any trace (export, cond)."""
     rope, mask, positions = args
     if isinstance(blocks, nnx.List):
         new = []
         for i, block in enumerate(blocks):
-            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
             call = nnx.remat(_run, policy=remat_policy) if remat else _run
             x, layer_cache = call(block, x, rope, mask, layer_cache, positions)
             new.append(layer_cache)
-        return x, None if cache is None else (jnp.stack([c[0] for c in new]), jnp.stack([c[1] for c in new]))
+        return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
 
     # Scanned: the RNG streams (dropout) advance and come back out; the weights are only read. Without active
     # dropout the streams are not touched at all (no operation on key arrays: jax2onnx cannot take them).

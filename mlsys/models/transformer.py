@@ -135,10 +135,33 @@ def segment_mask(segment_ids: Int[Array, "B T"]) -> Array:
     return (same & jnp.tril(jnp.ones((t, t), bool))[None])[:, None]
 
 
+def position_mask(positions: Int[Array, "B T"], key_positions: Int[Array, "#B S"], valid=None) -> Array:
+    """Cached attention: the query at position p sees every key slot holding a position <= p (and, with `valid`
+    B S, only the valid slots). Shape B 1 T S."""
+    seen = key_positions[:, None, :] <= positions[:, :, None]
+    return (seen if valid is None else seen & valid[:, None, :])[:, None]
+
+
 def cache_mask(positions: Int[Array, "B T"], length: int) -> Array:
-    """KV-cache attention: slot j of the cache holds position j, so a query at position p sees slots j <= p (later
-    slots are empty or stale). Shape B 1 T S."""
-    return (jnp.arange(length)[None, None, :] <= positions[:, :, None])[:, None]
+    """Fixed-size KV cache: slot j holds position j, so a query at position p sees slots j <= p (later slots are
+    empty or stale). Shape B 1 T S."""
+    return position_mask(positions, jnp.arange(length)[None])
+
+
+def past_mask(attention_mask: Int[Array, "B S"], positions: Int[Array, "B T"]) -> Array:
+    """Concatenated past (ONNX decoder): slots are the real tokens of each row with padding anywhere between
+    (attention_mask 0); a real slot holds the count of real slots before it, so left-padded, ragged rows share a
+    batch. Shape B 1 T S, S = past + new."""
+    valid = attention_mask > 0
+    return position_mask(positions, jnp.cumsum(attention_mask, axis=1) - 1, valid)
+
+
+class Past(NamedTuple):
+    """A growing KV cache (ONNX decoder form): each step's keys and values are appended, B S K Dh each (L B S K Dh
+    for a stack), instead of written into fixed slots."""
+
+    key: Array
+    value: Array
 
 
 def linear(cfg: TransformerConfig, d_in: int, d_out: int, names: tuple, std: float, rngs: nnx.Rngs,
@@ -170,7 +193,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"], rope, mask, cache=None, positions=None):
         """rope: (cos, sin) or None; mask: B 1 T S booleans, or None for plain causal attention; cache: (keys,
-        values) of shape B S K Dh, written at `positions` (B T) and attended to whole. Returns (y, cache)."""
+        values) of shape B S K Dh, written at `positions` (B T) and attended to whole, or a Past that this step's
+        keys and values are appended to (S grows by T). Returns (y, cache)."""
         b, t, _ = x.shape
         h, kv, hd = self.n_head, self.n_kv_head, self.head_dim
         y = self.qkv(x)
@@ -184,7 +208,11 @@ class Attention(nnx.Module):
             v = constrain(v.reshape(b, t, kv, hd), ("batch", "seq", "heads", None))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # write this step's keys and values at their positions, then attend to the whole cache
+        if isinstance(cache, Past):  # append this step's keys and values, then attend to all of them
+            cache = Past(jnp.concatenate([cache.key, k.astype(cache.key.dtype)], axis=1),
+                         jnp.concatenate([cache.value, v.astype(cache.value.dtype)], axis=1))
+            k, v = cache
+        elif cache is not None:  # write this step's keys and values at their positions, then attend to the cache
             rows = jnp.arange(b)[:, None]
             cache = (cache[0].at[rows, positions].set(k.astype(cache[0].dtype)),
                      cache[1].at[rows, positions].set(v.astype(cache[1].dtype)))

@@ -47,6 +47,30 @@ class ServedModel:
         self.session = self._session(os.path.join(cfg.model, onnx_file), cfg.threads)
         self.input = self._input_spec(cfg)
         self.output_name = self.manifest["onnx"]["outputs"][0]["name"]
+        # Language models: the tokenizer and the KV-cache decoder that text generation runs on (None otherwise).
+        self.tokenizer, self.decoder = self._language_model(cfg) if self.input.kind == "tokens" else (None, None)
+
+    def _language_model(self, cfg: ServeConfig) -> tuple:
+        """(tokenizer, Decoder) of an LM export, for text generation; one-line errors when either is missing. With
+        serve.completions=false (logits only) neither is needed. A family without a KV-cache decoder (exported
+        with "decoder": null) serves logits only: (tokenizer, None)."""
+        from mlsys import tokenizer as tokenizers
+        from mlsys.serve.decoder import Decoder, rerun_command
+
+        if not getattr(cfg, "completions", True):
+            return None, None
+        name = (self.manifest["preprocessing"].get("tokenizer") or {}).get("file")
+        if not name or name not in self.manifest["files"]:
+            raise ConfigError(f"model={cfg.model!r}: the language-model export has no tokenizer "
+                              f"({name or 'vocab.json/tokenizer.json'} not in the manifest), so it cannot serve text; "
+                              f"export the run again ({rerun_command(self.manifest)}) or serve logits only with "
+                              f"serve.completions=false")
+        path = os.path.join(cfg.model, name)
+        tok = (tokenizers.load_file(path) if name.endswith("tokenizer.json")
+               else tokenizers.from_vocab(json.load(open(path))))
+        if self.manifest.get("decoder", "absent") is None:
+            return tok, None
+        return tok, Decoder(cfg.model, cfg.precision, cfg.threads, self.manifest)
 
     @staticmethod
     def _session(path: str, threads: int):
