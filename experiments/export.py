@@ -1,12 +1,15 @@
-"""Export a trained run: python -m experiments.export run=<run dir> [step=N] [format=onnx,torch] [quantize=int8]
-[out=<folder>]"""
+"""Export a trained run: python -m experiments.export run=<run dir> [step=N] [format=onnx,torch,hf,peft] [quantize=int8]
+[out=<folder>]
+
+format: onnx, torch (the default pair), hf (a Hugging Face folder, hf/), peft (a LoRA run's adapter in PEFT's layout,
+hf_adapter/, with its base model, hf_base/); several at once: format=onnx,torch,hf"""
 
 import sys
 
 from mlsys.cli import friendly_errors, key_values
 from mlsys.errors import ConfigError
 
-ARGS = {"run": "a run dir", "step": "a checkpoint step (default: the latest)", "format": "onnx,torch",
+ARGS = {"run": "a run dir", "step": "a checkpoint step (default: the latest)", "format": "onnx,torch,hf,peft",
         "quantize": "int8", "out": "the export folder (default: <run>/export/step_<N>)"}
 
 

@@ -1,6 +1,7 @@
 """Export, step by step: a trained run → an export folder with ONNX, a PyTorch mirror (safetensors weights and a
-self-contained torch.export program), optional INT8, and a signed manifest. Parity with JAX is part of export: if
-ONNX Runtime or torch disagree with JAX beyond the tolerance on the run's own held-out data, export fails."""
+self-contained torch.export program), a Hugging Face folder (hf/) and a LoRA run's PEFT adapter (hf_adapter/ on
+hf_base/), optional INT8, and a signed manifest. Parity with JAX is part of export: if ONNX Runtime, torch or
+transformers disagree with JAX beyond the tolerance on the run's own held-out data, export fails."""
 
 import json
 import os
@@ -10,17 +11,21 @@ from dataclasses import asdict
 
 import jax
 import numpy as np
+from flax import nnx
 
+from mlsys.config import load_saved
 from mlsys.export.manifest import verify, write_signed
 from mlsys.export.normalize import with_normalization
 from mlsys.export.onnx_export import ExportError, ort_run, ort_session, quantize_int8, to_onnx
 from mlsys.export.reference import reference_stats, spread_inputs
 from mlsys.export.restore import LoadedRun, load_run
 from mlsys.models import REGISTRY, family_of
+from mlsys.models.lora import merge_lora
 from mlsys.models.prune import pruning_report
 from mlsys.trackers import mlflow_attach
 
-FORMATS = ("onnx", "torch")
+FORMATS = ("onnx", "torch", "hf", "peft")
+DEFAULT_FORMATS = ("onnx", "torch")  # hf and peft when asked for: they need transformers (and peft)
 
 
 def held_out(run: LoadedRun, n: int = 64) -> np.ndarray:
@@ -40,7 +45,7 @@ def accuracy(outputs: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(outputs.argmax(-1) == targets))
 
 
-def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize: str | None = None,
+def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, quantize: str | None = None,
                out: str | None = None, tol: float = 1e-4) -> str:
     """Export a run; returns the export folder. Raises ExportError (and writes nothing) if parity fails."""
     unknown = [f for f in formats if f not in FORMATS]
@@ -48,8 +53,17 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
         raise ExportError(f"format={','.join(formats)}: choose from {list(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: only int8 is supported")
-    run = load_run(run_dir, step)
+    hf = "hf" in formats or "peft" in formats
+    if hf and os.path.isdir(run_dir):  # what the saved config alone decides, before the slow restore
+        from mlsys.export.hf_export import check_config
+
+        check_config(load_saved(run_dir), formats)
+    run = load_run(run_dir, step, merge="peft" not in formats)
     family, spec = family_of(run.cfg.model), run.dataset.spec
+    unmerged = None
+    if "peft" in formats:  # loaded unmerged: keep that model for the adapter, merge for every other format
+        unmerged = nnx.clone(run.model)
+        run.model = merge_lora(run.model)
     out = os.path.abspath(out or os.path.join(run.run_dir, "export", f"step_{run.step}"))
     tmp = out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +107,19 @@ def export_run(run_dir: str, step: int | None = None, formats=FORMATS, quantize:
                 mirrored = [n for n, f in REGISTRY.items() if "torch" in f.mirrors]
                 print(f"note: model={family.name} has no PyTorch mirror: only ONNX is available (the PyTorch mirror "
                       f"exists for {', '.join(mirrored)})")
+        if "hf" in formats:
+            from mlsys.export.hf_export import export_hf
+
+            manifest["hf"] = export_hf(run, tmp, x, want, tol, parity)
+            manifest["parity"]["hf_max_abs_diff"] = manifest["hf"].pop("max_abs_diff")
+            manifest["formats"].append("hf")
+        if "peft" in formats:
+            from mlsys.export.hf_peft import export_peft
+
+            want_unmerged = np.asarray(unmerged(jax.numpy.asarray(x)))
+            manifest["peft"] = export_peft(run, unmerged, tmp, x, want_unmerged, tol, parity, out)
+            manifest["parity"]["peft_max_abs_diff"] = manifest["peft"].pop("max_abs_diff")
+            manifest["formats"].append("peft")
         if run.cfg.prune.sparsity:  # the zeros stay in the files; how far they compress
             manifest["pruning"] = {**asdict(run.cfg.prune), **pruning_report(run.model, tmp)}
         manifest["reference_stats"] = write_reference(run, tmp, to_raw)
