@@ -122,7 +122,12 @@ class Weights:
                 raise CheckpointError(f"{path}: tensor {name!r} ends early (truncated file); save it again")
             done += chunk
         rows = np.frombuffer(buf, dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
-        return rows[(slice(None), *index[1:])] if shape else rows
+        if not shape:
+            return rows
+        cols = rows[(slice(None), *index[1:])]
+        # A column block is copied out, so that the rows read for it are freed now: make_array_from_callback
+        # keeps every device's block until it has them all.
+        return cols if cols.size == rows.size else cols.copy()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -88,8 +88,12 @@ def import_folder(folder: str, out: str | None = None, mesh_cfg: MeshConfig | No
         with open(os.path.join(tmp, "env.json"), "w") as f:
             json.dump({"imported_from": folder, "hf_model_type": hf.get("model_type"), "n_params": int(n_params),
                        "start_step": 0}, f, indent=1)
+        # orbax copies arrays to host buffers to write them; bounding the bytes in flight to the largest array
+        # keeps that from being a second copy of the whole model.
+        largest = max(x.nbytes for x in jax.tree.leaves(params))
+        handler = ocp.StandardCheckpointHandler(save_concurrent_gb=(largest + 2**20) / 1e9)
         manager = ocp.CheckpointManager(os.path.join(tmp, "checkpoints"), options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False))
+            enable_async_checkpointing=False), item_handlers={"state": handler})
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "rest": rest})))
         manager.wait_until_finished()
         manager.close()

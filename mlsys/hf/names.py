@@ -160,6 +160,13 @@ def place(entry: Entry, index: tuple, read: Callable[[str, tuple], np.ndarray], 
     gives them), built from `read(hf_name, hf_index)`, which returns only that region of an HF tensor. What no
     piece covers (vocabulary padding) is zero."""
     bounds = _bounds(index, entry.shape)
+    pieces = entry.layers[0]
+    if not entry.stacked and len(pieces) == 1 and all(  # one tensor covers the block: no zeroed copy to fill
+            at <= a and b <= at + n for (a, b), at, n in zip(bounds, pieces[0].at, pieces[0].extent)):
+        p = pieces[0]
+        local = tuple(slice(a - at, b - at) for (a, b), at in zip(bounds, p.at))
+        block = read(p.hf, tuple(reversed(local)) if p.transpose else local)
+        return (block.T if p.transpose else block).astype(dtype, copy=False)
     out = np.zeros([b - a for a, b in bounds], dtype)
     layers = range(*bounds[0]) if entry.stacked else [None]
     inner = bounds[1:] if entry.stacked else bounds
