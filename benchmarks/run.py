@@ -44,11 +44,17 @@ SUITES = {
     "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
               "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
               "throughput of max_batch=1, p99 <= 50 ms, zero errors"),
+    # steps = measured seconds per concurrency level (0: completion_load's default)
+    "serve_lm": (["lm-continuous", "lm-sequential"], "cpu", 0, "lm-sequential",
+                 "/v1/completions load test on loopback, shakespeare_bpe_llama's model (4 layers, d=128, context 64, "
+                 "BPE 1,024), streamed, prompts of 16 characters, 32 new tokens each; goal at concurrency 16: "
+                 "continuous batching >= 4x the tokens/s of one completion at a time (max_batch=1), zero errors"),
 }
 
 
 def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
     module = ("benchmarks.serve_load" if arm.startswith("serve") else  # a server + its client
+              "benchmarks.completion_load" if arm.startswith("lm-") else
               "benchmarks.tokenize" if arm.startswith("tokenize") else "benchmarks.arm")
     cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps", str(steps)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -73,6 +79,10 @@ def table(suite: str, rows: dict, ref: str, note: str) -> str:
         from benchmarks.tokenize import table as tokenize_table
 
         return tokenize_table(suite, rows, note)
+    if "lm_load" in rows[ref][0]:
+        from benchmarks.completion_load import lm_table
+
+        return lm_table(suite, rows, ref, note)
     if "load" in rows[ref][0]:
         from benchmarks.serve_load import load_table
 

@@ -114,3 +114,29 @@ def train_tiny(tmp_path):
         return train(typed_cfg(tiny(exp, *extra)), run_dir), run_dir
 
     return run
+
+
+@pytest.fixture(scope="session")
+def serve_exports(tmp_path_factory):
+    """A tiny digits MLP and char GPT (with its KV-cache decoder graph), trained and exported once per session, and
+    a keys file: the model servers' tests share them (training+export is the slow part)."""
+    from mlsys.export import export_run
+    from mlsys.serve.auth import digest
+    from mlsys.train import train
+
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(root / "config"))  # a signing key of the test's own
+        for name, exp, extra in [("mlp", "digits_mlp", ["trainer.steps=60"]),
+                                 ("gpt", "shakespeare_char", ["model.block_size=32"])]:
+            train(typed_cfg(tiny(exp, *extra)), str(root / name))
+            out[name] = export_run(str(root / name), formats=("onnx",), out=str(root / name / "export"),
+                                   quantize="int8" if name == "mlp" else None)
+    keys = root / "keys.txt"
+    keys.write_text(f"# digests of the accepted keys\n{digest(SERVE_KEY)}\n")
+    out["keys"] = str(keys)
+    return out
+
+
+SERVE_KEY = "test-key-1d4f9"  # the API key whose digest serve_exports' keys file holds

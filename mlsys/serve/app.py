@@ -16,15 +16,20 @@ from starlette.routing import Route
 
 from mlsys.serve.auth import KeyChecker, load_digests
 from mlsys.serve.batcher import Batcher, Draining
+from mlsys.serve.completion_request import Limits, prompt_pattern
+from mlsys.serve.completion_request import schema as completion_schema
+from mlsys.serve.completions import CompletionEndpoint
 from mlsys.serve.config import ServeConfig
 from mlsys.serve.drift import DriftMonitor
 from mlsys.serve.metrics import CountRequests, Metrics
 from mlsys.serve.model import ServedModel
-from mlsys.serve.openapi import PREDICTED, PROMETHEUS, STATUS, document, errors, json_body, predict_request
+from mlsys.serve.scheduler import Scheduler
+from mlsys.serve.openapi import (PREDICTED, PROMETHEUS, STATUS, completion_responses, document, errors, json_body,
+                                 predict_request)
 from mlsys.serve.validate import Invalid, validate
 
 log = logging.getLogger("mlsys.serve")
-ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"}
+ROUTES = {"/v1/predict", "/v1/completions", "/v1/model", "/healthz", "/readyz", "/metrics"}
 
 
 class ApiError(Exception):
@@ -67,18 +72,29 @@ def create_app(cfg: ServeConfig) -> "HotPath":
     drift = DriftMonitor(model.reference, cfg.drift_window, cfg.drift_min_rows, cfg.drift_threshold)
     batcher = Batcher(model, cfg, metrics, drift)
     metrics.bind(batcher, drift)
+    lm = language_model(model, cfg, metrics)  # (scheduler, limits) when the export can generate text, else None
     state = {"ready": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         warm_up(model, cfg.max_batch)
+        if lm:
+            warm_up_decoder(lm[0].decoder)
         # Everything loaded so far (FastAPI, ONNX Runtime, the model) lives as long as the process: keep it out of
         # the garbage collector's full passes, which otherwise walk it all and stall requests for tens of ms.
         gc.collect()
         gc.freeze()
         batcher.start()
         loop = asyncio.get_running_loop()
-        state["drain"] = lambda: loop.call_soon_threadsafe(batcher.flush)  # called from the SIGTERM handler
+
+        def drain():  # called from the SIGTERM handler
+            loop.call_soon_threadsafe(batcher.flush)
+            if lm:  # no new completions; those accepted (streams included) run to their end
+                loop.call_soon_threadsafe(lm[0].drain)
+
+        if lm:
+            lm[0].start()
+        state["drain"] = drain
         state["ready"] = True
         metrics.ready.set(1)
         log.info("serving %s (%s) with max_batch=%d max_delay_ms=%g", model.version, cfg.precision, cfg.max_batch,
@@ -87,6 +103,8 @@ def create_app(cfg: ServeConfig) -> "HotPath":
         state["ready"] = False
         metrics.ready.set(0)
         await batcher.stop()  # runs every request still queued before the process ends
+        if lm:
+            await lm[0].stop()
         log.info("drained: every accepted request was answered")
 
     app = FastAPI(title="mlsys model server", version=model.version, lifespan=lifespan,
@@ -156,6 +174,21 @@ def create_app(cfg: ServeConfig) -> "HotPath":
     hot = CountRequests(Route("/v1/predict", predict, methods=["POST"]).app, metrics=metrics, routes=ROUTES)
     v1.post("/predict", responses={200: json_body(PREDICTED), **errors(400, 401, 413, 422, 500, 503)},
             openapi_extra={"requestBody": predict_request(example_schema(model), cfg.max_rows)})(predict)
+    paths = {"/v1/predict": hot}
+    if lm:
+        scheduler, limits = lm
+        endpoint = CompletionEndpoint(scheduler, model.tokenizer, limits, model.version, cfg, require_key, read_body,
+                                      parse_json, ApiError)
+        paths["/v1/completions"] = CountRequests(endpoint, metrics=metrics, routes=ROUTES)
+
+        async def completions(request: Request):
+            """OpenAI-style completion of `prompt` (text, through the export's tokenizer): `max_tokens`,
+            `temperature`, `top_p`, `top_k`, `stop`, `seed`; `"stream": true` answers Server-Sent Events, one per
+            token, then `data: [DONE]`. Continuous batching: a request joins the running decode batch at the next
+            token."""
+
+        v1.post("/completions", responses=completion_responses(), openapi_extra={"requestBody": {
+            "required": True, "content": {"application/json": {"schema": completion_schema(limits)}}}})(completions)
     app.include_router(v1)
 
     @app.get("/healthz", responses={200: json_body(STATUS)})
@@ -182,19 +215,19 @@ def create_app(cfg: ServeConfig) -> "HotPath":
 
     app.openapi = openapi
     app.add_middleware(CountRequests, metrics=metrics, routes=ROUTES)
-    return HotPath(app, hot, "/v1/predict")
+    return HotPath(app, paths)
 
 
 class HotPath:
     """ASGI: `POST <path>` straight to its handler (which checks the key, limits the body and answers its own
     errors), everything else — other routes, other methods, lifespan — to the FastAPI app."""
 
-    def __init__(self, app: FastAPI, hot, path: str):
-        self.app, self.hot, self.path = app, hot, path
+    def __init__(self, app: FastAPI, paths: dict):
+        self.app, self.paths = app, paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
-            return await self.hot(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            return await self.paths[scope["path"]](scope, receive, send)
         return await self.app(scope, receive, send)
 
     def __getattr__(self, name: str):  # .state, .openapi(), ... of the FastAPI app
@@ -209,6 +242,26 @@ def parse_json(raw: bytes):
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
+def language_model(model: ServedModel, cfg: ServeConfig, metrics: Metrics):
+    """(scheduler, limits) for an export with a decoder graph and a tokenizer (served at /v1/completions)."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not cfg.completions:
+        return None
+    scheduler = Scheduler(decoder, cfg, metrics)
+    metrics.bind_scheduler(scheduler)
+    return scheduler, Limits(context=decoder.max_len, max_tokens=cfg.max_tokens, vocab_size=decoder.vocab,
+                             prompt_pattern=prompt_pattern(model.tokenizer))
+
+
+def warm_up_decoder(decoder) -> None:
+    """A prefill and a decode step at two batch sizes, so the first completion does not pay for ORT's first call."""
+    for n in (1, 2):
+        mask = np.ones((n, 4), np.int32)
+        _, past = decoder.step(np.zeros((n, 4), np.int32), mask, np.tile(np.arange(4, dtype=np.int32), (n, 1)),
+                               decoder.empty_past(n))
+        decoder.step(np.zeros((n, 1), np.int32), np.ones((n, 5), np.int32), np.full((n, 1), 4, np.int32), past)
 
 
 def warm_up(model: ServedModel, max_batch: int) -> None:

@@ -30,6 +30,10 @@ class ServeConfig:
     drift_window: int = 1000  # recent examples the PSI is computed over
     drift_min_rows: int = 100  # no PSI before this many examples arrived
     drain_timeout_s: float = 30.0  # after SIGTERM, how long accepted requests may take to finish
+    # Completions (/v1/completions, language-model exports with a decoder graph; max_batch is the decode batch)
+    completions: bool = True  # false: serve /v1/predict only (e.g. an LM export written before decoder graphs)
+    max_tokens: int = 256  # the most new tokens one completion may ask for (its `max_tokens`)
+    max_queue: int = 256  # completions waiting while every decode slot is taken; past it, 429 with Retry-After
     log_level: str = "info"
     access_log: bool = False  # one log line per request; requests are counted in /metrics either way
 
@@ -42,7 +46,7 @@ class ServeConfig:
                               "model=runs/digits_mlp/<time>/export/step_N")
         if not 0 < self.port < 65536:
             bad("port", self.port, "a TCP port between 1 and 65535")
-        for key in ("max_batch", "max_rows", "max_body_bytes", "threads", "drift_window"):
+        for key in ("max_batch", "max_rows", "max_body_bytes", "threads", "drift_window", "max_tokens", "max_queue"):
             if getattr(self, key) < 1:
                 bad(key, getattr(self, key), "must be at least 1")
         for key in ("max_delay_ms", "range_tolerance", "drift_threshold", "drain_timeout_s", "drift_min_rows"):

@@ -24,6 +24,21 @@ class Metrics:
         self.drift_rows = Gauge("mlsys_drift_window_examples", "Examples in the drift window", registry=r)
         self.drift_alert = Gauge("mlsys_drift_alert", "1 while the PSI is above serve.drift_threshold", registry=r)
         self.ready = Gauge("mlsys_ready", "1 when the model is loaded and warmed up", registry=r)
+        # completions (continuous batching)
+        self.completions = Counter("mlsys_completions", "Completions ended, by finish reason", ["finish_reason"],
+                                   registry=r)
+        self.tokens = Counter("mlsys_completion_tokens", "Tokens generated", registry=r)
+        self.prefills = Counter("mlsys_prefills", "Prefill calls (each admits one or more waiting completions)",
+                                registry=r)
+        self.joins = Counter("mlsys_prefills_joining_running_batch", "Prefills whose completions joined a decode "
+                             "batch already running (continuous batching)", registry=r)
+        self.ttft = Histogram("mlsys_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.decode_rows = Histogram("mlsys_decode_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS,
+                                     registry=r)
+        self.waiting = Gauge("mlsys_completions_waiting", "Completions queued for a slot", registry=r)
+        self.running = Gauge("mlsys_completions_running", "Completions in the decode batch (slots in use)",
+                             registry=r)
 
     def bind(self, batcher, drift) -> None:
         """Gauges read live values at scrape time."""
@@ -31,6 +46,10 @@ class Metrics:
         self.drift.set_function(lambda: drift.score)
         self.drift_rows.set_function(lambda: drift.rows)
         self.drift_alert.set_function(lambda: float(drift.alerting))
+
+    def bind_scheduler(self, scheduler) -> None:
+        self.waiting.set_function(lambda: len(scheduler.waiting))
+        self.running.set_function(lambda: scheduler.running)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
