@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     for name, exp, extra in [
         ("mlp", "digits_mlp", ["trainer.steps=100", "model.hidden=[256,256]", "optim.warmup_steps=10"]),
         ("cnn", "digits_cnn", ["trainer.steps=30"]),
-        ("gpt", "shakespeare_char", ["model.pos_emb=rope"]),
+        # tanh GELU (GPT-2's gelu_new): ONNX and the torch mirror must follow the JAX model's choice
+        ("gpt", "shakespeare_char", ["model.pos_emb=rope", "model.gelu_approximate=true"]),
         ("custom", None, ["model=custom", "model.target=tests.fixtures.user_model:TinyNet", "trainer.steps=20"]),
     ]:
         run_dir = str(root / name)

@@ -179,6 +179,28 @@ def test_logits_match_transformers(hf, kind):
         np.testing.assert_allclose(got[..., :cfg.vocab_size], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_llama_like_models_match_transformers(tmp_path, kind):
+    """Qwen2 (biases on q, k, v only: model.qkv_bias) and Mistral (a sliding window longer than the block) map as
+    Llama does."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=kind == "qwen2")
+    if kind == "qwen2":
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        ref = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=64))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p))
+    ref.eval().save_pretrained(str(tmp_path))
+    model, _, cfg = imported_model(str(tmp_path), make_mesh(MeshConfig()), MeshConfig().param_rules)
+    assert cfg.qkv_bias == (kind == "qwen2") and not cfg.bias
+    toks = tokens(96)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks))), reference_logits(ref, toks), atol=1e-4, rtol=0)
+
+
 def test_born_sharded_on_fsdp_through_init_from(hf):
     """trainer.init_from=hf: on the 8-device fsdp mesh: every parameter lands in the trainer's own sharding, and
     the model computes transformers' logits."""
