@@ -47,6 +47,13 @@ TINY["corpus_llama"] = ["trainer.steps=6", "trainer.log_every=3", "trainer.eval_
                         "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1",
                         "model.block_size=32", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2",
                         "data.vocab_size=300", "data.workers=1", "trainer.sample_chars=8"]
+# Presets that fine-tune an imported Hugging Face model: a tiny random one, built once (tests/fixtures/hf_tiny.py).
+BASE["hf_lora"] = "shakespeare_char"  # for the tests that only compose (any gpt run's dir would do)
+TINY["hf_lora"] = ["trainer.steps=6", "trainer.log_every=3", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                   "data.seq_len=16", "data.batch_size=4", "data.eval_batches=2", "trainer.sample_chars=20",
+                   "optim.warmup_steps=1"]
+# Presets whose end-to-end training (and more) is tested in another file: test_train leaves them out (CI time).
+TRAINED_ELSEWHERE = {"hf_lora": "tests/test_hf_export.py"}
 # Presets whose data.paths the user points at their files: the tests write a small corpus for them.
 CORPUS_PRESETS = {"corpus_llama"}
 
@@ -89,8 +96,16 @@ def image_folder() -> str:
     return _image_folder[0]
 
 
-# Presets that read data the tests generate.
-DATA = {"images_resnet": lambda: [f"data.path={image_folder()}"]}
+def hf_init(kind: str = "gpt2") -> list[str]:
+    """trainer.init_from=hf:<a tiny random HF model> and its tokenizer, for a run to start from."""
+    from tests.fixtures.hf_tiny import hf_model
+
+    folder = hf_model(kind)
+    return [f"trainer.init_from=hf:{folder}", f"data.tokenizer={folder}/tokenizer.json"]
+
+
+# Presets that read data (or start from weights) the tests generate.
+DATA = {"images_resnet": lambda: [f"data.path={image_folder()}"], "hf_lora": hf_init}
 
 
 def tiny(exp: str | None, *extra: str) -> list[str]:
@@ -106,7 +121,8 @@ def train_tiny(tmp_path):
 
     def run(exp: str, *extra: str, run_dir=None):
         run_dir = str(run_dir or tmp_path / "run")
-        if exp in BASE and not any(e.startswith("trainer.init_from=") for e in extra):
+        given = (*extra, *(DATA[exp]() if exp in DATA else []))
+        if exp in BASE and not any(e.startswith("trainer.init_from=") for e in given):
             _, base_dir = run(BASE[exp], run_dir=f"{run_dir}_base")
             extra = (*extra, f"trainer.init_from={base_dir}")
         if exp in CORPUS_PRESETS:

@@ -1,6 +1,7 @@
 """Export to Hugging Face: mlsys tokenizers as fast tokenizers that transformers loads and that encode and decode
-exactly like mlsys; manifests that sign subfolders; a gpt run exported (format=hf) and loaded with
-AutoModelForCausalLM and AutoTokenizer, with parity; every bad input."""
+exactly like mlsys; manifests that sign subfolders; +exp=hf_lora on a tiny random GPT-2 imported with
+trainer.init_from=hf: exported merged (format=hf) and as a PEFT adapter (format=peft), loaded with transformers and
+PEFT, with parity; HF -> mlsys -> HF bitwise (Llama, GQA, untied); every bad input. Nothing is downloaded."""
 
 import os
 
@@ -98,58 +99,108 @@ def test_format_peft_needs_a_lora_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory):
-    """A tiny char-level gpt trained from scratch, its vocabulary (65) padded to 80 rows (module-scoped)."""
+def lora_run(tmp_path_factory):
+    """+exp=hf_lora on a tiny random GPT-2 imported with trainer.init_from=hf: (its vocabulary, 66, padded to 80
+    rows), a few steps (module-scoped)."""
     from mlsys.train import train
     from tests.conftest import tiny, typed_cfg
 
-    run_dir = str(tmp_path_factory.mktemp("runs") / "gpt")
-    train(typed_cfg(tiny("shakespeare_char", "model.n_layer=2", "model.vocab_multiple=16")), run_dir)
+    run_dir = str(tmp_path_factory.mktemp("runs") / "hf_lora")
+    train(typed_cfg(tiny("hf_lora", "model.vocab_multiple=16")), run_dir)
     return run_dir
 
 
-def test_gpt_run_exports_a_folder_transformers_loads(gpt_run, tmp_path, signing_key, capsys):
+def hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.numpy()
+
+
+@pytest.mark.slow
+def test_imported_model_fine_tuned_with_lora_goes_back_merged_and_as_peft_adapter(lora_run, tmp_path, signing_key,
+                                                                                   capsys):
     import json
 
     import jax.numpy as jnp
     import numpy as np
-    import torch
+    from peft import PeftModel
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from experiments.export import main
     from mlsys.export.restore import load_run
+    from tests.fixtures.hf_tiny import hf_model
 
-    main([f"run={gpt_run}", "format=hf", f"out={tmp_path / 'e'}"])  # the command line, in this process
-    out = str(tmp_path / "e")
-    assert capsys.readouterr().out.strip() == f"export: {out}"
+    out, original = str(tmp_path / "e"), hf_model("gpt2")
+    main([f"run={lora_run}", "format=hf,peft", f"out={out}"])  # the command line, in this process
+    assert capsys.readouterr().out.strip().endswith(f"export: {out}")
     m = verify(out)
-    hf_files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"}
-    assert {f"hf/{f}" for f in hf_files} <= set(m["files"]) and m["formats"] == ["hf"]
-    assert m["hf"]["architecture"] == "GPT2LMHeadModel" and m["parity"]["hf_max_abs_diff"] <= 1e-4
-    assert load_file(os.path.join(out, "hf", "model.safetensors"))["transformer.wte.weight"].shape == (65, 32)
-    config = json.load(open(os.path.join(out, "hf", "config.json")))
-    assert config["activation_function"] == "gelu" and config["vocab_size"] == 65  # exact GELU; padding cut
+    for folder in ("hf", "hf_base"):
+        assert {f"{folder}/{f}" for f in ("config.json", "model.safetensors", "generation_config.json",
+                                          "tokenizer.json", "tokenizer_config.json")} <= set(m["files"])
+    assert {"hf_adapter/adapter_config.json", "hf_adapter/adapter_model.safetensors"} <= set(m["files"])
+    assert m["formats"] == ["hf", "peft"] and m["hf"]["architecture"] == "GPT2LMHeadModel"
+    assert m["parity"]["hf_max_abs_diff"] <= 1e-4 and m["parity"]["peft_max_abs_diff"] <= 1e-4
+    assert m["peft"]["init_from"] == f"hf:{original}" and m["lora"]["merged"]
 
-    # What a user of transformers does, checked here against the run itself (not the manifest's numbers).
-    run = load_run(gpt_run)
+    # The frozen base went through import, LoRA and export unchanged: every tensor bitwise equal to the original.
+    base, before = load_file(f"{out}/hf_base/model.safetensors"), load_file(f"{original}/model.safetensors")
+    assert set(base) == set(before) and all(np.array_equal(base[k], before[k]) for k in before)
+    merged = load_file(f"{out}/hf/model.safetensors")
+    assert merged["transformer.wte.weight"].shape == (66, 32)  # vocabulary padding (80 rows) cut off
+    assert json.load(open(f"{out}/hf/config.json"))["activation_function"] == "gelu"
+
+    # What a transformers user does, checked against the run itself (not the manifest's numbers).
+    run = load_run(lora_run)
     text = "ROMEO:\nWhat light through yonder window breaks?"
-    tok, model = AutoTokenizer.from_pretrained(f"{out}/hf"), AutoModelForCausalLM.from_pretrained(f"{out}/hf")
-    ids = tok(text, return_tensors="pt")["input_ids"]
+    tok = AutoTokenizer.from_pretrained(f"{out}/hf")
+    ids = tok(text, return_tensors="np")["input_ids"]
     assert ids[0].tolist() == run.dataset.tokenizer.encode(text).tolist()
-    with torch.no_grad():
-        got = model(ids).logits.numpy()
-    want = np.asarray(run.model(jnp.asarray(ids.numpy(), jnp.int32)))[..., :65]
+    want = np.asarray(run.model(jnp.asarray(ids, jnp.int32)))[..., :66]
+    got = hf_logits(AutoModelForCausalLM.from_pretrained(f"{out}/hf"), ids)
     assert np.max(np.abs(got - want)) <= 1e-4
-    assert tok.decode(model.generate(ids, max_new_tokens=1, do_sample=False)[0, -1:]) == \
-        run.dataset.tokenizer.decode([int(want[0, -1].argmax())])
+    plain = AutoModelForCausalLM.from_pretrained(f"{out}/hf_base")
+    assert np.max(np.abs(hf_logits(plain, ids) - want)) > 1e-3  # the adapter changed the model...
+    peft = PeftModel.from_pretrained(plain, f"{out}/hf_adapter").eval()
+    assert np.max(np.abs(hf_logits(peft, ids) - want)) <= 1e-4  # ... and PEFT applies exactly that change
+    config = json.load(open(f"{out}/hf_adapter/adapter_config.json"))
+    assert config["r"] == 8 and config["fan_in_fan_out"] and len(config["target_modules"]) == 2 * 4
 
 
-def test_transformers_disagreeing_fails_the_export_and_writes_nothing(gpt_run, tmp_path, signing_key):
+@pytest.mark.slow
+def test_hugging_face_to_mlsys_to_hugging_face_is_bitwise(tmp_path, signing_key):
+    """A Llama with grouped-query attention, untied embeddings and rows beyond its tokenizer: imported with
+    experiments.import_hf, exported with format=hf, every tensor bitwise equal and the config the same model."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from experiments.import_hf import main as import_hf
+    from mlsys.export import export_run
+    from tests.fixtures.hf_tiny import make_hf_model
+
+    original = make_hf_model("llama", str(tmp_path / "llama"))
+    import_hf([original, f"out={tmp_path / 'run'}"])
+    out = export_run(str(tmp_path / "run"), formats=("hf",), out=str(tmp_path / "e"))
+    assert verify(out)["parity"]["hf_max_abs_diff"] <= 1e-4
+    got, want = load_file(f"{out}/hf/model.safetensors"), load_file(f"{original}/model.safetensors")
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+    a, b = json.load(open(f"{out}/hf/config.json")), json.load(open(f"{original}/config.json"))
+    for key in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "intermediate_size", "tie_word_embeddings",
+                "rms_norm_eps", "max_position_embeddings"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.slow
+def test_transformers_disagreeing_fails_the_export_and_writes_nothing(lora_run, tmp_path, signing_key):
     from mlsys.export import ExportError, export_run
 
     with pytest.raises(ExportError, match=r"^parity failed: transformers differs from JAX by max \|diff\| = .* > "
                                           r"1e-12 on held-out inputs; the export was not written$"):
-        export_run(gpt_run, formats=("hf",), out=str(tmp_path / "e"), tol=1e-12)
+        export_run(lora_run, formats=("hf",), out=str(tmp_path / "e"), tol=1e-12)
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "e.partial")
