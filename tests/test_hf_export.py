@@ -169,9 +169,11 @@ def test_imported_model_fine_tuned_with_lora_goes_back_merged_and_as_peft_adapte
 
 
 @pytest.mark.slow
-def test_hugging_face_to_mlsys_to_hugging_face_is_bitwise(tmp_path, signing_key):
-    """A Llama with grouped-query attention, untied embeddings and rows beyond its tokenizer: imported with
-    experiments.import_hf, exported with format=hf, every tensor bitwise equal and the config the same model."""
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hugging_face_to_mlsys_to_hugging_face_is_bitwise(tmp_path, signing_key, kind):
+    """A Llama with grouped-query attention, untied embeddings and rows beyond its tokenizer, and a Qwen2 (q, k, v
+    biases, tied): imported with experiments.import_hf, exported with format=hf, every tensor bitwise equal and the
+    config the same model."""
     import json
 
     import numpy as np
@@ -181,7 +183,7 @@ def test_hugging_face_to_mlsys_to_hugging_face_is_bitwise(tmp_path, signing_key)
     from mlsys.export import export_run
     from tests.fixtures.hf_tiny import make_hf_model
 
-    original = make_hf_model("llama", str(tmp_path / "llama"))
+    original = make_hf_model(kind, str(tmp_path / kind))
     import_hf([original, f"out={tmp_path / 'run'}"])
     out = export_run(str(tmp_path / "run"), formats=("hf",), out=str(tmp_path / "e"))
     assert verify(out)["parity"]["hf_max_abs_diff"] <= 1e-4
