@@ -362,3 +362,22 @@ def test_overrides_that_contradict_config_json_are_named(hf):
     with pytest.raises(ConfigError, match=r"config.json contradicts the model overrides given with it: "
                                           r"model.n_head=8 \(config.json: 4\); model.norm_eps=0.1"):
         apply_hf_model(cfg)
+    # the folder's tokenizer is the data's unless one was chosen (its ids are the embedding rows' meaning)
+    for given, want in ([], f"{folder}/tokenizer.json"), (["data.tokenizer=byte"], "byte"):
+        cfg = typed_cfg(["data=text", *given, f"trainer.init_from=hf:{folder}"])
+        apply_hf_model(cfg)
+        assert cfg.data.tokenizer == want and cfg.model.name == "llama"
+
+
+def test_reader_streams_bf16_rows_and_columns(tmp_path):
+    """bfloat16 (most published checkpoints) is read as such; a block reads only its rows."""
+    from safetensors.torch import save_file
+
+    from mlsys.hf.files import Weights
+
+    w = torch.randn(6, 5).to(torch.bfloat16)
+    save_file({"w": w, "b": torch.arange(3, dtype=torch.float16)}, str(tmp_path / "model.safetensors"))
+    with Weights(str(tmp_path)) as f:
+        np.testing.assert_array_equal(f.read("w", (slice(2, 5), slice(1, 3))).astype(np.float32),
+                                      w[2:5, 1:3].float().numpy())
+        np.testing.assert_array_equal(f.read("b", (slice(None),)), np.arange(3, dtype=np.float16))

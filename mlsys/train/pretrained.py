@@ -89,15 +89,26 @@ def hf_folder(init_from: str | None) -> str | None:
     return init_from[len(HF):] if init_from and init_from.startswith(HF) else None
 
 
+# data.tokenizer left at its default: a text source would tokenize with its own vocabulary, whose ids mean nothing
+# to an imported model's embedding rows.
+TOKENIZER_DEFAULTS = {"text": "", "corpus": "bpe"}
+
+
 def apply_hf_model(cfg: Config) -> None:
     """trainer.init_from=hf:<folder>: the folder's config.json decides the model keys it maps (the user's model
-    overrides must agree with it); the folder is recorded by its absolute path."""
+    overrides must agree with it); its tokenizer.json becomes data.tokenizer unless one was chosen; the folder is
+    recorded by its absolute path."""
     from mlsys.hf.config import apply, read_config
 
     folder = hf_folder(cfg.trainer.init_from)
-    if folder is not None:
-        cfg.trainer.init_from = HF + os.path.abspath(folder)
-        cfg.model = apply(cfg.model, read_config(folder), os.path.join(folder, "config.json"))
+    if folder is None:
+        return
+    folder = os.path.abspath(folder)
+    cfg.trainer.init_from = HF + folder
+    cfg.model = apply(cfg.model, read_config(folder), os.path.join(folder, "config.json"))
+    d, tokenizer = cfg.data, os.path.join(folder, "tokenizer.json")
+    if TOKENIZER_DEFAULTS.get(d.name, None) == getattr(d, "tokenizer", None) and os.path.isfile(tokenizer):
+        d.tokenizer = tokenizer
 
 
 def load_pretrained(run_dir: str, cfg: Config, spec, state, mesh):
