@@ -97,11 +97,10 @@ def image_folder() -> str:
 
 
 def hf_init(kind: str = "gpt2") -> list[str]:
-    """trainer.init_from=hf:<a tiny random HF model> and its tokenizer, for a run to start from."""
+    """trainer.init_from=hf:<a tiny random HF model> for a run to start from (its tokenizer.json comes along)."""
     from tests.fixtures.hf_tiny import hf_model
 
-    folder = hf_model(kind)
-    return [f"trainer.init_from=hf:{folder}", f"data.tokenizer={folder}/tokenizer.json"]
+    return [f"trainer.init_from=hf:{hf_model(kind)}"]
 
 
 # Presets that read data (or start from weights) the tests generate.
