@@ -71,6 +71,8 @@ class Stream:
 
     async def complete(self, body: bytes) -> tuple[int, float | None, int]:
         """(status, seconds to the first token or None, tokens received)."""
+        if self.writer is not None and self.reader.at_eof():  # the server closed it while idle (keep-alive timeout)
+            await self.aclose()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
         t0 = time.perf_counter()
@@ -97,6 +99,7 @@ class Stream:
     async def aclose(self):
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
 
 
 async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes]) -> dict:
@@ -110,8 +113,9 @@ async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes]) 
         while time.perf_counter() < until:
             try:
                 status, first, n = await clients[k].complete(bodies[i % len(bodies)])
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:  # counted; the next one reconnects
                 status, first, n = type(e).__name__, None, 0
+                await clients[k].aclose()
             if record:
                 if status == 200 and first is not None:
                     ttft.append(first)

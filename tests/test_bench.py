@@ -77,3 +77,18 @@ def test_tokenize_suite_reports_throughput_and_peak_memory(tmp_path):
     assert 0.4 < small["corpus_mb"] < large["corpus_mb"] and large["mb_per_s"] > 0 and large["tokens"] > 0
     assert large["peak_rss_mb"] > 0 and large["worker_peak_rss_mb"] > 0
     assert "| tokenize-large | 1 |" in (tmp_path / "latest.md").read_text()
+
+
+def test_completion_load_suite_runs_both_arms(serve_exports, tmp_path):
+    """make bench's /v1/completions load test at a tiny size: the session's char GPT export, 1 s per level."""
+    env = {**ENV, "MLSYS_BENCH_LM_MODEL": serve_exports["gpt"]}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "serve_lm", "--repeats", "1", "--steps",
+                          "1", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lm-continuous / lm-sequential tokens/s" in (tmp_path / "latest.md").read_text()
+    reps = json.loads((tmp_path / "serve_lm.json").read_text())["repeats"]
+    for arm in ("lm-continuous", "lm-sequential"):
+        load = reps[arm][0]["lm_load"]
+        assert set(load) == {"c1", "c16", "c64"}
+        assert all(v["errors"] == 0 and v["tokens"] > 0 and v["ttft_p99_ms"] >= v["ttft_p50_ms"] > 0
+                   for v in load.values()), load
