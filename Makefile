@@ -16,13 +16,20 @@ EXP ?= digits_mlp
 ARGS ?=
 # Tests simulate 8 devices on the CPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# pytest-xdist workers for `make test`: much of the suite waits on subprocesses (training runs, servers, process
+# groups), so 3 workers keep 2 cores busy; tests/conftest.py keeps a module's shared fixtures on one worker.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: install run test clean bench
 
+# uv installs the same pinned set as pip several times faster (a fresh venv: 157 s against 1304 s, loaded machine);
+# it gets pip's configured sources from tools/pip_sources.py. Where uv cannot be had, pip installs as before.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" -c constraints.txt
+	($(PY) -m pip install -q uv -c constraints.txt && \
+	  $(PY) -m uv pip install -q --python $(PY) $$($(PY) tools/pip_sources.py) -e ".[$(EXTRAS)]" -c constraints.txt) || \
+	($(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e ".[$(EXTRAS)]" -c constraints.txt)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +38,7 @@ run: $(STAMP)
 	$(PY) -m experiments.run +exp=$(EXP) $(ARGS)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

@@ -12,6 +12,10 @@ from jaxtyping import install_import_hook  # noqa: E402
 install_import_hook("mlsys", "beartype.beartype")
 
 import pytest  # noqa: E402
+
+# MLSYS_CPUTIME=out.tsv records CPU seconds per test (tests/cputime.py); off by default.
+if os.environ.get("MLSYS_CPUTIME"):
+    pytest_plugins = ["tests.cputime"]
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mlsys.config import register, to_typed  # noqa: E402
@@ -155,3 +159,70 @@ def serve_exports(tmp_path_factory):
 
 
 SERVE_KEY = "test-key-1d4f9"  # the API key whose digest serve_exports' keys file holds
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """A tiny run trained once per session (per xdist worker) and shared by every test asking for the same preset
+    and overrides; returns (results, run_dir). Read-only: a test that changes a run dir trains its own (train_tiny)."""
+    import copy
+
+    from mlsys.train import train
+
+    done: dict = {}
+
+    def get(exp: str, *extra: str):
+        key = (exp, *extra)
+        if key not in done:
+            run_dir = str(tmp_path_factory.mktemp(f"shared-{exp}") / "run")
+            done[key] = (train(typed_cfg(tiny(exp, *extra)), run_dir), run_dir)
+        results, run_dir = done[key]
+        return copy.deepcopy(results), run_dir
+
+    return get
+
+
+# --- pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): a module whose tests share a module-scoped fixture
+# runs on one worker, so that the fixture is built once; every other test goes to whichever worker is free, the
+# dearest first (a long test started last would leave the other workers idle at the end).
+FIRST = [  # the longest (wall time: subprocesses, waits), longest first; prefixes of node ids
+    "tests/test_faults.py::test_sigkill",  # 26 launches of experiments.run
+    "tests/test_multihost.py",  # process groups, module-scoped runs
+    "tests/test_sweep.py::test_optuna_sweep_resumes",
+    "tests/test_faults.py::test_full_disk",
+    "tests/test_serve.py",
+    "tests/test_completions.py",
+    "tests/test_export.py",
+    "notebooks/",
+    "tests/test_preemption.py",
+    "tests/test_bench.py",
+]
+
+
+# Session fixtures dear enough that their tests, in whatever file, share one worker (and so one build).
+SESSION_GROUPS = {"serve_exports": "serve_exports"}
+
+
+def _group(item) -> str | None:
+    info = getattr(item, "_fixtureinfo", None)
+    if not info:
+        return None
+    for name in info.name2fixturedefs:
+        if name in SESSION_GROUPS:
+            return SESSION_GROUPS[name]
+    scopes = {d.scope for defs in info.name2fixturedefs.values() for d in defs}
+    return item.nodeid.split("::")[0] if scopes & {"module", "class", "package"} else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in items:
+        if group := _group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item):
+        return next((i for i, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order

@@ -68,10 +68,10 @@ def test_export_every_family_with_parity(runs, tmp_path, family):
             assert ort_run(sess, np.zeros((b, 8, 8, 1), np.float32)).shape == (b, 10)
 
 
-def test_a_process_exports_language_models_again_and_again(runs, tmp_path, train_tiny):
+def test_a_process_exports_language_models_again_and_again(runs, tmp_path, shared_run):
     """Regression: the second GPT export in one process used to fail (a position-table slice lowered to a gather
     with a symbolic size). Rope and learned positions, twice each, in one process."""
-    _, learned = train_tiny("shakespeare_char", "model.block_size=32", run_dir=tmp_path / "learned")
+    _, learned = shared_run("shakespeare_char", "model.block_size=32")
     for i, run in enumerate([runs["gpt"], learned, runs["gpt"], learned]):
         m = verify(export_run(run, formats=("onnx",), out=str(tmp_path / f"e{i}")))
         assert m["parity"]["onnx_max_abs_diff"] <= 1e-4

@@ -68,8 +68,8 @@ def flat(state) -> dict:
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def test_lora_run_trains_adapters_only_and_exports_merged(train_tiny, tmp_path):
-    base_results, base_dir = train_tiny("shakespeare_char", run_dir=tmp_path / "base")
+def test_lora_run_trains_adapters_only_and_exports_merged(train_tiny, shared_run, tmp_path):
+    base_results, base_dir = shared_run("shakespeare_char")
     results, run_dir = train_tiny("shakespeare_char_lora", f"trainer.init_from={base_dir}", "trainer.steps=10",
                                   run_dir=tmp_path / "lora")
     env = json.load(open(os.path.join(run_dir, "env.json")))
@@ -89,7 +89,7 @@ def test_lora_run_trains_adapters_only_and_exports_merged(train_tiny, tmp_path):
     assert manifest["parity"]["onnx_max_abs_diff"] < 1e-4
 
 
-def test_lora_run_starts_exactly_at_the_pretrained_model(train_tiny, tmp_path):
+def test_lora_run_starts_exactly_at_the_pretrained_model(shared_run):
     """Step 0 of a fine-tune evaluates like the run it starts from (the adapters add zero)."""
     from mlsys import data
     from mlsys.parallel import make_mesh
@@ -97,7 +97,7 @@ def test_lora_run_starts_exactly_at_the_pretrained_model(train_tiny, tmp_path):
     from mlsys.train.pretrained import load_pretrained
     from tests.conftest import tiny, typed_cfg
 
-    _, base_dir = train_tiny("shakespeare_char", run_dir=tmp_path / "base")
+    _, base_dir = shared_run("shakespeare_char")
     cfg = typed_cfg(tiny("shakespeare_char_lora", f"trainer.init_from={base_dir}"))
     ds = data.load(cfg.data, cfg.seed)
     mesh = make_mesh(cfg.mesh)
@@ -121,8 +121,8 @@ def test_init_from_a_different_model_is_refused(train_tiny, tmp_path, base_overr
         train_tiny(exp, f"trainer.init_from={base_dir}", *extra, run_dir=tmp_path / "tuned")
 
 
-def test_init_from_another_family_or_nothing(train_tiny, tmp_path):
-    _, mlp_dir = train_tiny("digits_mlp", run_dir=tmp_path / "mlp")
+def test_init_from_another_family_or_nothing(train_tiny, shared_run, tmp_path):
+    _, mlp_dir = shared_run("digits_mlp")
     with pytest.raises(ConfigError, match="that run trained model=mlp, this one is model=gpt"):
         train_tiny("shakespeare_char_lora", f"trainer.init_from={mlp_dir}", run_dir=tmp_path / "a")
     with pytest.raises(CheckpointError, match="trainer.init_from: .* not a run dir"):

@@ -70,12 +70,12 @@ def zeros_held(run_dir: str, masks_from: str | None = None) -> float:
 
 
 @pytest.mark.slow
-def test_prune_finetune_resume_export_keep_the_zeros(train_tiny, tmp_path):
+def test_prune_finetune_resume_export_keep_the_zeros(train_tiny, shared_run, tmp_path):
     from mlsys.export import export_run
     from mlsys.prune import prune_run
     from tests.conftest import ROOT
 
-    _, dense = train_tiny("digits_mlp", run_dir=tmp_path / "dense")
+    _, dense = shared_run("digits_mlp")
     r = prune_run(dense, 0.75, out=str(tmp_path / "pruned"))
     c = r["pruned_weights"]
     assert c["zeros"] == sum(int(0.75 * n) for n in (64 * 32,)) and r["after"]["test"]["accuracy"] > 0

@@ -122,8 +122,8 @@ def test_attention_implementations():
         validate(typed_cfg(["+exp=shakespeare_char", "model.attention=cudnn"]), 1, platform="cpu")
 
 
-def test_gpt_metrics_carry_tokens_per_second_and_mfu(train_tiny):
-    _, run_dir = train_tiny("shakespeare_char")
+def test_gpt_metrics_carry_tokens_per_second_and_mfu(shared_run):
+    _, run_dir = shared_run("shakespeare_char")
     row = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).readline())
     assert row["tokens_per_s"] == pytest.approx(row["examples_per_s"] * 16)
     assert 0 < row["mfu"] < 1

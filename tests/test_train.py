@@ -10,7 +10,7 @@ import pytest
 
 from mlsys import checkpoint
 from mlsys.errors import CheckpointError, NonFiniteError
-from tests.conftest import PRESETS, TRAINED_ELSEWHERE
+from tests.conftest import BASE, CORPUS_PRESETS, PRESETS, TRAINED_ELSEWHERE
 
 
 def metrics(run_dir, split="train"):
@@ -19,8 +19,9 @@ def metrics(run_dir, split="train"):
 
 
 @pytest.mark.parametrize("exp", [p for p in PRESETS if p not in TRAINED_ELSEWHERE])
-def test_each_preset_trains_end_to_end(train_tiny, exp):
-    results, run_dir = train_tiny(exp)
+def test_each_preset_trains_end_to_end(train_tiny, shared_run, exp):
+    # The plain tiny run is the session's shared one (other files' tests read it too); it is only read here.
+    results, run_dir = (train_tiny if exp in BASE or exp in CORPUS_PRESETS else shared_run)(exp)
     rows = metrics(run_dir)
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
     assert {"step", "split", "loss", "accuracy", "grad_norm", "lr", "step_time_ms", "examples_per_s"} <= set(rows[0])
@@ -41,8 +42,8 @@ def test_training_lowers_the_loss(train_tiny):
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"] and results["test"]["accuracy"] > 0.8
 
 
-def test_data_parallel_mesh_matches_one_device(train_tiny, tmp_path):
-    one, _ = train_tiny("digits_mlp", run_dir=tmp_path / "one")
+def test_data_parallel_mesh_matches_one_device(train_tiny, shared_run, tmp_path):
+    one, _ = shared_run("digits_mlp")
     eight, run_dir = train_tiny("digits_mlp", "mesh=data", run_dir=tmp_path / "eight")
     env = json.load(open(os.path.join(run_dir, "env.json")))
     assert env["mesh"]["data"] == 8
@@ -109,8 +110,8 @@ def test_resume_errors(train_tiny, tmp_path):
     assert checkpoint.find_run("auto", str(tmp_path / "lonely" / "run")) is None  # first launch: start fresh
 
 
-def test_resume_with_another_model_config_is_a_clear_error(train_tiny, tmp_path):
-    _, run_dir = train_tiny("digits_mlp", run_dir=tmp_path / "a")
+def test_resume_with_another_model_config_is_a_clear_error(train_tiny, shared_run, tmp_path):
+    _, run_dir = shared_run("digits_mlp")
     # A healthy step of another model is not "damaged": no fall back to an older step, an error naming the arrays
     with pytest.raises(CheckpointError, match=r"another model or optimizer config .*layers\.0\.kernel.*"
                                               r"shape \(64, 32\) there, \(64, 64\) here"):
