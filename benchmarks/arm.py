@@ -45,13 +45,18 @@ def mlsys_setup(size: Size, extra=()):
     return cfg, mesh, run, put
 
 
+CPU_MS = {}  # the last timed() run's CPU ms per step (this process, all threads): steadier than wall time on a
+# shared machine, where other jobs stretch the wall clock but not the work done
+
+
 def timed(step, steps: int, sync) -> float:
     """Steady-state ms per step: `steps` dispatched back to back, one sync at the end (as the loop runs)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = None
     for _ in range(steps):
         out = step()
     sync(out)
+    CPU_MS["cpu_ms_per_step"] = 1e3 * (time.process_time() - c0) / steps
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
@@ -237,6 +242,44 @@ def arm_loop_bare(size: Size, steps: int) -> dict:
     return {"compile_s": compile_s, "ms_per_step": ms}
 
 
+def run_schedule(size: Size, steps: int) -> tuple[int, int, int, int]:
+    """(n_layer, d_model, eval_every, eval_batches) of the whole-run arms: shakespeare_char's own at the cpu size,
+    a small model evaluated on 2 batches otherwise (the tests)."""
+    if size == SIZES["cpu"]:
+        return size.n_layer, size.d_model, max(1, steps // 4), 200
+    return 2, 64, max(1, steps // 4), 2
+
+
+def arm_run(size: Size, steps: int, torch: bool) -> dict:
+    """A whole training run in a fresh process, timed from launch to exit (imports, data, compile, training,
+    evaluation, checkpoints, the sample): `python -m experiments.run +exp=shakespeare_char`, or the hand-written
+    PyTorch run of the same schedule and evaluation work (benchmarks/torch_run.py)."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    n_layer, d_model, every, batches = run_schedule(size, steps)
+    with tempfile.TemporaryDirectory() as out:
+        if torch:
+            cmd = ["-m", "benchmarks.torch_run", "--steps", str(steps), "--eval-every", str(every), "--eval-batches",
+                   str(batches), "--n-layer", str(n_layer), "--d-model", str(d_model), "--out", out]
+        else:
+            cmd = ["-m", "experiments.run", "+exp=shakespeare_char", f"trainer.steps={steps}",
+                   f"trainer.eval_every={every}", f"trainer.ckpt_every={every}", f"data.eval_batches={batches}",
+                   f"model.n_layer={n_layer}", f"model.d_model={d_model}", "logger=jsonl", "trainer.progress=false",
+                   "trainer.compile_cache=", f"hydra.run.dir={out}"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu, "ms_per_step": 1e3 * wall / steps, "compile_s": 0.0}
+
+
 NAMES = {"digits_mlp": "mlp", "digits_cnn": "cnn", "shakespeare_char": "gpt"}
 
 
@@ -293,6 +336,8 @@ ARMS = {
     "checkpoint": arm_checkpoint,
     "loop": arm_loop,
     "loop-bare": arm_loop_bare,
+    "run-mlsys": lambda s, n: arm_run(s, n, torch=False),
+    "run-torch": lambda s, n: arm_run(s, n, torch=True),
     "latency-jax": lambda s, n: arm_latency("jax"),
     "latency-ort": lambda s, n: arm_latency("ort"),
     "latency-ort-int8": lambda s, n: arm_latency("ort-int8"),
@@ -309,7 +354,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=100)
     a = p.parse_args()
     size = SIZES[a.size]
-    out = {"arm": a.arm, "size": a.size, **ARMS[a.arm](size, a.steps)}
+    out = {"arm": a.arm, "size": a.size, **ARMS[a.arm](size, a.steps), **CPU_MS, "load_avg": os.getloadavg()[0]}
     if "latency_ms" not in out and "tokens_per_s" not in out:  # training arms: tokens of one step
         out["tokens_per_s"] = size.batch * size.seq_len / (out["ms_per_step"] / 1e3)
     print(json.dumps(out), flush=True)

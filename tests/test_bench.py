@@ -44,6 +44,15 @@ def test_language_model_arms(name):
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 16
 
 
+@pytest.mark.slow
+def test_whole_run_arms_time_a_run_from_launch_to_exit():
+    """The whole-run suite's two arms at a tiny size: experiments.run (shakespeare_char, 2 layers) and the
+    hand-written PyTorch run of the same schedule, each a fresh process with its evaluations and checkpoints."""
+    for name in ("run-mlsys", "run-torch"):
+        r = arm(name, steps=4)
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["ms_per_step"] == 1e3 * r["wall_s"] / 4
+
+
 def test_checkpoint_arm_reports_blocked_time():
     r = arm("checkpoint", steps=50)
     assert r["saves"] == 2 and 0 < r["blocked_fraction"] and r["save_blocked_ms"] > 0

@@ -57,14 +57,14 @@ def stacked(grads_unrolled):
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_scanned_and_unrolled_stacks_agree(family):
     """Same seed → same weights in both layouts; same loss and gradients within 1e-5, remat inside the scan too,
-    and with packed segments (llama)."""
+    the stacked layers run as a Python loop (model.unroll_layers) too, and with packed segments (llama)."""
     x = jax.random.randint(jax.random.key(1), (2, 16), 0, 37)
     y = jax.random.randint(jax.random.key(2), (2, 16), 0, 37)
     segments = jnp.array([[1] * 6 + [2] * 10, [1] * 16]) if family == "llama" else None
     l0, g0 = loss_and_grads(build(family, scan_layers=False), x, y, segments)
     want = stacked(g0)
-    for remat in ("none", "full"):
-        l1, g1 = loss_and_grads(build(family, scan_layers=True, remat=remat), x, y, segments)
+    for remat, unroll in (("none", False), ("full", False), ("none", True)):  # unroll: the stacked weights looped
+        l1, g1 = loss_and_grads(build(family, scan_layers=True, remat=remat, unroll_layers=unroll), x, y, segments)
         assert abs(float(l1) - float(l0)) <= 1e-5
         for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

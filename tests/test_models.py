@@ -103,3 +103,27 @@ def test_custom_model_by_import_path():
 def test_custom_model_errors(target, message):
     with pytest.raises(ConfigError, match=message):
         import_target(target)
+
+
+def test_dense_layer_arithmetic_matches_jax():
+    """mlsys.models.dense (the transformer's linear layers and GELU, arranged for XLA:CPU's fast matmuls): the same
+    values and gradients as jax.lax.dot_general and jax.nn.gelu(approximate=False); other contractions pass through."""
+    from mlsys.models import dense
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    k = jax.random.normal(jax.random.key(1), (8, 6))
+    dims = (((2,), (0,)), ((), ()))
+
+    def loss(dg):
+        return lambda x, k: jnp.sum(jnp.sin(dg(x, k, dims)))
+
+    want, got = jax.grad(loss(jax.lax.dot_general), (0, 1))(x, k), jax.grad(loss(dense.dot_general), (0, 1))(x, k)
+    for a, b in zip(want, got):
+        assert a.shape == b.shape and jnp.allclose(a, b, atol=1e-5)
+    assert jnp.allclose(dense.dot_general(x, k, dims), x @ k, atol=1e-6)
+    y = jax.random.normal(jax.random.key(2), (4, 8))  # a contraction that is not a linear layer's: plain dot_general
+    assert jnp.allclose(dense.dot_general(y.T, y, (((1,), (0,)), ((), ()))), y.T @ y, atol=1e-5)
+    h = jnp.linspace(-8.0, 8.0, 101)
+    assert jnp.allclose(dense.gelu(h), jax.nn.gelu(h, approximate=False), atol=1e-6)
+    assert jnp.allclose(jax.grad(lambda h: dense.gelu(h).sum())(h),
+                        jax.grad(lambda h: jax.nn.gelu(h, approximate=False).sum())(h), atol=1e-5)

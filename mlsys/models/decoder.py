@@ -30,7 +30,8 @@ class Decoder(nnx.Module):
         self.remat_policy = REMAT[cfg.remat] if cfg.remat != "none" else None
         self.remat = cfg.remat != "none"
         self.explicit_mask = False  # True (nnx.view at export): a sliced mask table, for a symbolic T
-        self.unroll_layers = False  # True (nnx.view at export): a scanned stack runs as a Python loop
+        # True (model.unroll_layers, or nnx.view at export): a scanned stack runs as a Python loop
+        self.unroll_layers = cfg.unroll_layers
         emb_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
         self.wte = nnx.Embed(vocab, cfg.d_model, dtype=dt, param_dtype=pdt, embedding_init=emb_init, rngs=rngs)
         pos_init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))

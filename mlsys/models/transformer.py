@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from mlsys.models import dense
 from mlsys.models.common import dense_init, dtype_of
 from mlsys.parallel import constrain
 
@@ -60,6 +61,9 @@ class TransformerConfig:
     attention: str = "auto"  # one of ATTENTION; cudnn needs an NVIDIA GPU
     remat: str = "none"  # one of REMAT, applied to every block
     scan_layers: bool = True  # blocks stacked and run under lax.scan: compile time independent of depth
+    # The stacked blocks run as a Python loop over the layer axis instead of lax.scan (same parameters and
+    # checkpoints): no scan carry buffers, a faster step for shallow models on CPU; compile time grows with depth.
+    unroll_layers: bool = False
     vocab_multiple: int = 1  # pad the vocabulary to a multiple of this (128 suits matrix units); padding never wins
 
 
@@ -166,8 +170,10 @@ class Past(NamedTuple):
 
 def linear(cfg: TransformerConfig, d_in: int, d_out: int, names: tuple, std: float, rngs: nnx.Rngs,
            bias: bool | None = None) -> nnx.Linear:
+    # dense.dot_general: the weight gradient as a plain matmul (XLA:CPU's fast path; same values).
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias, dtype=dtype_of(cfg.dtype),
-                      param_dtype=dtype_of(cfg.param_dtype), kernel_init=dense_init(names, std), rngs=rngs)
+                      param_dtype=dtype_of(cfg.param_dtype), kernel_init=dense_init(names, std), rngs=rngs,
+                      dot_general=dense.dot_general)
 
 
 def make_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -241,8 +247,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         h = self.fc(x)
-        if self.gate is None:  # exact GELU unless the model was trained with the tanh form (GPT-2)
-            h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+        if self.gate is None:  # exact GELU (erf form: fast on XLA:CPU) unless trained with the tanh form (GPT-2)
+            h = jax.nn.gelu(h, approximate=True) if self.gelu_approximate else dense.gelu(h)
         else:
             h = jax.nn.silu(self.gate(x)) * h
         return self.dropout(self.proj(constrain(h, ("batch", "seq", "mlp"))))
