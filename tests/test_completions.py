@@ -213,6 +213,8 @@ def test_malformed_json_no_key_and_the_documented_route(lm):
     assert r.status_code == 400 and r.json()["error"] == "malformed JSON"
     r = complete(lm.url, {"prompt": "a"}, headers={})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    serving = httpx.get(f"{lm.url}/v1/model", headers=AUTH).json()["serving"]
+    assert serving["completions"] == {"context": 32, "max_tokens": 24, "max_queue": MAX_QUEUE}
     op = httpx.get(f"{lm.url}/openapi.json").json()["paths"]["/v1/completions"]["post"]
     assert sorted(op["responses"]) == ["200", "400", "401", "413", "422", "429", "500", "503"]
     assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}

@@ -165,7 +165,9 @@ def create_app(cfg: ServeConfig) -> "HotPath":
         accepted, and the serving limits."""
         return {**model.public_manifest(), "serving": {
             "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "max_rows": cfg.max_rows,
-            "max_body_bytes": cfg.max_body_bytes, "precision": cfg.precision, "drift_threshold": cfg.drift_threshold}}
+            "max_body_bytes": cfg.max_body_bytes, "precision": cfg.precision, "drift_threshold": cfg.drift_threshold,
+            "completions": {"context": lm[1].context, "max_tokens": lm[1].most_new, "max_queue": cfg.max_queue}
+            if lm else None}}
 
     # The hot path is a plain Starlette route, reached without FastAPI's middleware stack (HotPath below): FastAPI's
     # per-request dependency machinery cost ~100 µs of the ~260 µs a request took, its middleware layers ~10% of the
