@@ -83,7 +83,7 @@ def test_llama_is_causal_and_respects_segments():
     np.testing.assert_allclose(packed[0, 6:], model(x[:1, 6:])[0], atol=1e-5)
 
 
-# llama on every mesh layout, each step kind on some (the GPT tests cover every combination of the two).
+# llama on every mesh layout, each step kind on some; tests/test_mesh.py's GPT gets the other step kind on each mesh.
 @pytest.mark.parametrize("shape, step", [(s, "shard_map" if i % 2 else "jit") for i, s in enumerate(MESHES)],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_llama_on_every_mesh_matches_one_device(shape, step):
