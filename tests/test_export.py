@@ -50,7 +50,7 @@ def test_export_every_family_with_parity(runs, tmp_path, family):
     out = export_run(runs[family], out=str(tmp_path / "export"), quantize="int8")
     m = verify(out)
     # The run's tokenizer travels with the model, and the KV-cache decoder (tests/test_lm_export.py) too.
-    lm = {"vocab.json", "decoder.onnx", "decoder.int8.onnx"} if family == "gpt" else set()
+    lm = {"vocab.json", "decoder.onnx", "decoder.int8.onnx", "decoder.pt2"} if family == "gpt" else set()
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2",
                                "reference_stats.json", *lm}
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4

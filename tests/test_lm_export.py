@@ -1,6 +1,7 @@
-"""The language models' KV-cache decoder (decoder.onnx): exported for gpt and llama runs and gated against
-mlsys.generate (64 greedy tokens, logits within 1e-4), INT8 agreement reported, the runtime wrapper's ragged and
-joined batches, a broken cache graph refused, and the server's start-up errors for exports missing a piece."""
+"""The language models' KV-cache decoder (decoder.onnx, decoder.pt2): exported for gpt and llama runs and gated
+against mlsys.generate (64 greedy tokens, logits within 1e-4), INT8 agreement reported, the runtime wrapper's
+ragged and joined batches, a broken cache graph refused, and the server's start-up errors for exports missing a
+piece."""
 
 import json
 import os
@@ -24,19 +25,22 @@ def signing_key(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """A tiny gpt (char, learned positions) and llama (BPE, rope, grouped-query) run, block 80 so that 64 tokens
-    follow a 16-token prompt, each exported once with INT8 (module-scoped: training and export are the slow part)."""
+    """A tiny gpt (char, learned positions; ONNX only) and llama (BPE, rope, grouped-query; ONNX and torch) run,
+    block 80 so that 64 tokens follow a 16-token prompt, each exported once with INT8 (module-scoped: training and
+    export are the slow part; no end-of-run sample)."""
     from mlsys.train import train
     from tests.conftest import tiny, typed_cfg
 
     root = tmp_path_factory.mktemp("lm")
     os.environ["XDG_CONFIG_HOME"] = str(root / "config")
     out = {}
-    for family, exp, extra in [("gpt", "shakespeare_char", ["model.n_layer=2"]),
-                               ("llama", "shakespeare_bpe_llama", ["model.n_head=4", "model.n_kv_head=2"])]:
+    for family, exp, formats, extra in [
+            ("gpt", "shakespeare_char", ("onnx",), ["model.n_layer=2"]),
+            ("llama", "shakespeare_bpe_llama", ("onnx", "torch"), ["model.n_head=4", "model.n_kv_head=2"])]:
         run_dir = str(root / family)
-        train(typed_cfg(tiny(exp, "model.block_size=80", "trainer.steps=6", *extra)), run_dir)
-        out[family] = export_run(run_dir, out=str(root / f"{family}_export"), formats=("onnx",), quantize="int8")
+        train(typed_cfg(tiny(exp, "model.block_size=80", "trainer.steps=6", "trainer.sample_chars=0", *extra)),
+              run_dir)
+        out[family] = export_run(run_dir, out=str(root / f"{family}_export"), formats=formats, quantize="int8")
     return out
 
 
@@ -46,7 +50,9 @@ def test_decoder_is_exported_and_gated_against_generate(exports, family):
     d = m["decoder"]
     assert {"decoder.onnx", "decoder.int8.onnx", "model.onnx"} <= set(m["files"])
     assert d["parity"]["tokens"] == 64 and d["parity"]["tokens_equal"] and d["parity"]["prompt_tokens"] == [16, 8]
-    assert d["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert d["parity"]["onnx_max_abs_logit_diff"] <= 1e-4
+    if family == "llama":  # the torch program, gated the same way
+        assert "decoder.pt2" in m["files"] and d["parity"]["torch_max_abs_logit_diff"] <= 1e-4
     assert 0.0 <= d["int8_agreement"] <= 1.0
     assert (d["n_layer"], d["n_kv_head"]) == ((2, 2) if family == "gpt" else (1, 2))
     assert d["inputs"]["attention_mask"] == ["B", "P+T"] and d["max_len"] == 80
@@ -77,6 +83,19 @@ def test_wrapper_joins_requests_into_one_batch(exports):
     past, mask = Decoder.take_rows(past, mask, [1])  # request a leaves: b's history only, padding dropped
     assert mask.shape == (1, 3) and past[0][0].shape[2] == 3
     np.testing.assert_allclose(decode([3], past, mask)[0], decode([3], *alone_b[1:])[0], atol=1e-5)
+
+
+def test_torch_program_steps_a_ragged_batch_like_onnx(exports):
+    import torch
+
+    dec = Decoder(exports["llama"])
+    program = torch.export.load(os.path.join(exports["llama"], "decoder.pt2")).module()
+    mask, ids = Decoder.left_pad([[5, 9, 17], [40]])
+    want, present = dec.step(ids, mask, Decoder.positions(mask, 3), dec.empty_past(2))
+    past = [torch.from_numpy(a) for pair in dec.empty_past(2) for a in pair]
+    got = program(*(torch.from_numpy(a.astype(np.int64)) for a in (ids, mask, Decoder.positions(mask, 3))), *past)
+    np.testing.assert_allclose(got[0].detach().numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(got[1].detach().numpy(), present[0][0], atol=1e-5)
 
 
 def test_a_broken_cache_graph_fails_the_export(exports, tmp_path, monkeypatch):

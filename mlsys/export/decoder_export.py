@@ -71,7 +71,7 @@ def to_onnx_decoder(model: nnx.Module, path: str) -> dict:
     onnx.save(proto, path)
     cache = ["B", "n_kv_head", "P", "head_dim"]
     return {
-        "file": "decoder.onnx", **dims, "int_dtype": "int32", "dtype": "float32",
+        "file": "decoder.onnx",
         "inputs": {"input_ids": ["B", "T"], "attention_mask": ["B", "P+T"], "position_ids": ["B", "T"],
                    **{n: cache for n in past_names}},
         "outputs": {"logits": ["B", "T", "V"], **{n: ["B", "n_kv_head", "P+T", "head_dim"] for n in present_names}},
@@ -95,47 +95,69 @@ def _fix_shapes(proto, present: set) -> None:
             dim.dim_param = total
 
 
-def export_decoder(run, folder: str, prompts: list[list[int]], quantize: str | None, tol: float,
+def export_decoder(run, folder: str, prompts: list[list[int]], formats, quantize: str | None, tol: float,
                    n_tokens: int = 64) -> dict:
-    """decoder.onnx (and decoder.int8.onnx) for a gpt/llama run, gated: greedy generation through ONNX Runtime
-    with the cache, all prompts in one left-padded batch, must give mlsys.generate's tokens exactly, and its logits
-    at every step must match the JAX model's within `tol`; otherwise ExportError (the caller writes nothing).
-    Generation is capped so that every position stays inside the model's block (no sliding window)."""
+    """decoder.onnx (and decoder.int8.onnx) and the torch program decoder.pt2 for a gpt/llama run, each gated:
+    greedy generation with the cache, all prompts in one left-padded batch, must give mlsys.generate's tokens
+    exactly, and its logits at every step must match the JAX model's within `tol`; otherwise ExportError (the
+    caller writes nothing). Generation is capped so that every position stays inside the model's block (no
+    sliding window)."""
     import os
 
     import numpy as np
 
     from mlsys.generate import generate
-    from mlsys.serve.decoder import Decoder
+    from mlsys.serve.decoder import Decoder, empty_past, greedy
 
-    info = to_onnx_decoder(run.model, os.path.join(folder, "decoder.onnx"))
+    info = {**layout(run.model), "int_dtype": "int32", "dtype": "float32"}
     tok = run.dataset.tokenizer
     info["eos"] = tok.specials.get("eos") if tok is not None else None
     n = min(n_tokens, info["max_len"] - max(len(p) for p in prompts))
     want = generate(run.model, prompts, n, temperature=0)
-    # The JAX logits of every generated position, by one full forward pass over prompt + continuation.
-    full = [np.asarray(run.model(jnp.asarray([p + w], jnp.int32)))[0, len(p) - 1: len(p) - 1 + n]
-            for p, w in zip(prompts, want)]
-    fp32 = Decoder(folder, manifest={"decoder": info})
-    got, logits = fp32.greedy(prompts, n)
-    for i, (g, w) in enumerate(zip(got, want)):
+    # The JAX logits of every generated position: one full forward pass over prompt + continuation (right-padded
+    # to one length; causal, so the padding changes nothing before it).
+    seqs = [p + w for p, w in zip(prompts, want)]
+    batch = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, q in enumerate(seqs):
+        batch[i, : len(q)] = q
+    logits = np.asarray(run.model(jnp.asarray(batch)))
+    full = [logits[i, len(p) - 1: len(p) - 1 + n] for i, p in enumerate(prompts)]
+    info["parity"] = {"tokens": n, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
+                      "tolerance": tol, "reference": "mlsys.generate greedy (temperature 0); the cached graph runs "
+                                                     "all prompts as one left-padded batch"}
+    if "onnx" in formats:
+        info.update(to_onnx_decoder(run.model, os.path.join(folder, "decoder.onnx")))
+        fp32 = Decoder(folder, manifest={"decoder": info})
+        info["parity"]["onnx_max_abs_logit_diff"] = gate("decoder.onnx", fp32.greedy(prompts, n), want, full, tol)
+        if quantize == "int8":
+            from mlsys.export.onnx_export import quantize_int8
+
+            quantize_int8(os.path.join(folder, "decoder.onnx"), os.path.join(folder, "decoder.int8.onnx"))
+            info["int8_file"] = "decoder.int8.onnx"
+            q, _ = Decoder(folder, precision="int8", manifest={"decoder": info}).greedy(prompts, n)
+            info["int8_agreement"] = float(np.mean([a == b for qs, ws in zip(q, want) for a, b in zip(qs, ws)]))
+    if "torch" in formats:
+        from mlsys.export.torch_export import export_torch_decoder
+
+        info["torch"], step = export_torch_decoder(run, folder)
+        got = greedy(step, empty_past(info, len(prompts)), prompts, n)
+        info["parity"]["torch_max_abs_logit_diff"] = gate("decoder.pt2", got, want, full, tol)
+    info["parity"]["tokens_equal"] = True
+    return info
+
+
+def gate(name: str, got: tuple, want: list[list[int]], full: list, tol: float) -> float:
+    """Tokens equal to mlsys.generate's and every step's logits within tol of JAX's; returns the max |diff|."""
+    import numpy as np
+
+    tokens, logits = got
+    for i, (g, w) in enumerate(zip(tokens, want)):
         if g != w:
             at = next(j for j, (a, b) in enumerate(zip(g, w)) if a != b)
-            raise ExportError(f"parity failed: decoder.onnx's greedy generation (KV cache, ONNX Runtime) differs from "
-                              f"mlsys.generate for prompt {i} at new token {at} ({g[at]} vs {w[at]}); the export was "
-                              f"not written")
+            raise ExportError(f"parity failed: {name}'s greedy generation (KV cache) differs from mlsys.generate for "
+                              f"prompt {i} at new token {at} ({g[at]} vs {w[at]}); the export was not written")
     diff = float(max(np.max(np.abs(logits[:, i].astype(np.float64) - f)) for i, f in enumerate(full)))
     if not diff <= tol:
-        raise ExportError(f"parity failed: decoder.onnx's logits differ from JAX by max |diff| = {diff:.3g} > {tol:g} "
-                          f"over {n} greedy steps; the export was not written")
-    info["parity"] = {"tokens": n, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-                      "tokens_equal": True, "max_abs_logit_diff": diff, "tolerance": tol,
-                      "reference": "mlsys.generate greedy (temperature 0), one left-padded ORT batch"}
-    if quantize == "int8":
-        from mlsys.export.onnx_export import quantize_int8
-
-        quantize_int8(os.path.join(folder, "decoder.onnx"), os.path.join(folder, "decoder.int8.onnx"))
-        info["int8_file"] = "decoder.int8.onnx"
-        q, _ = Decoder(folder, precision="int8", manifest={"decoder": info}).greedy(prompts, n)
-        info["int8_agreement"] = float(np.mean([a == b for qs, ws in zip(q, want) for a, b in zip(qs, ws)]))
-    return info
+        raise ExportError(f"parity failed: {name}'s logits differ from JAX by max |diff| = {diff:.3g} > {tol:g} over "
+                          f"{len(tokens[0])} greedy steps; the export was not written")
+    return diff

@@ -93,8 +93,6 @@ def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, q
             if quantize == "int8":
                 manifest["int8"] = int8(run, tmp, fp32, to_raw)
                 manifest["formats"].append("onnx-int8")
-            if spec.task == "lm":  # text generation: the KV-cache decoder, gated against mlsys.generate
-                manifest["decoder"] = decoder(run, tmp, x, quantize, tol)
         if "torch" in formats:
             if "torch" in family.mirrors:
                 from mlsys.export.torch_export import export_torch
@@ -120,6 +118,8 @@ def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, q
             manifest["peft"] = export_peft(run, unmerged, tmp, x, want_unmerged, tol, parity, out)
             manifest["parity"]["peft_max_abs_diff"] = manifest["peft"].pop("max_abs_diff")
             manifest["formats"].append("peft")
+        if spec.task == "lm" and {"onnx", "torch"} & set(formats):  # text generation: the KV-cache decoder
+            manifest["decoder"] = decoder(run, tmp, x, formats, quantize, tol)
         if run.cfg.prune.sparsity:  # the zeros stay in the files; how far they compress
             manifest["pruning"] = {**asdict(run.cfg.prune), **pruning_report(run.model, tmp)}
         manifest["reference_stats"] = write_reference(run, tmp, to_raw)
@@ -135,9 +135,10 @@ def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, q
     return out
 
 
-def decoder(run: LoadedRun, folder: str, x: np.ndarray, quantize: str | None, tol: float) -> dict | None:
-    """decoder.onnx for a model with a growing KV cache (Decoder.step: gpt, llama); None for other language
-    models (their exports serve logits only). Two held-out prompts of different lengths (a ragged batch)."""
+def decoder(run: LoadedRun, folder: str, x: np.ndarray, formats, quantize: str | None, tol: float) -> dict | None:
+    """decoder.onnx / decoder.pt2 for a model with a growing KV cache (Decoder.step: gpt, llama); None for other
+    language models (their exports serve logits only). Two held-out prompts of different lengths (a ragged
+    batch)."""
     if not hasattr(run.model, "step"):
         print(f"note: model={run.cfg.model.name} has no KV-cache decoder: the export has no decoder.onnx, so the "
               f"server cannot generate text with it")
@@ -147,7 +148,8 @@ def decoder(run: LoadedRun, folder: str, x: np.ndarray, quantize: str | None, to
     # 64 new tokens after a 16-token prompt where the block has room; fewer (recorded) where it has not.
     n = min(x.shape[1], 16, max(4, family_of(run.cfg.model).max_len(run.cfg.model) - 64))
     prompts = [x[0, :n].tolist(), x[1, : max(1, n // 2)].tolist()]
-    return export_decoder(run, folder, prompts, quantize, tol)
+    formats = [f for f in formats if f != "torch" or "torch" in family_of(run.cfg.model).mirrors]
+    return export_decoder(run, folder, prompts, formats, quantize, tol)
 
 
 def preprocessing(run: LoadedRun, folder: str | None = None) -> dict:

@@ -74,10 +74,13 @@ def inv_frequencies(cfg: dict, head_dim: int):
     return torch.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
 
 
-def rope(x, inv):
-    t = x.shape[1]
-    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+def rope(x, inv, positions=None):
+    """x: B T H D; positions: B T (the KV-cache step), else 0..T-1."""
+    if positions is None:
+        ang = (torch.arange(x.shape[1], dtype=torch.float32)[:, None] * inv[None, :])[None]
+    else:
+        ang = positions.float()[..., None] * inv
+    cos, sin = torch.cos(ang)[:, :, None, :], torch.sin(ang)[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -111,21 +114,31 @@ class Block(nn.Module):
         self.fc, self.fc_out = nn.Linear(d, dff, bias=b), nn.Linear(dff, d, bias=b)
         self.gate = nn.Linear(d, dff, bias=b) if cfg.get("mlp", "gelu") == "swiglu" else None
 
-    def forward(self, x):
+    def forward(self, x, positions=None, mask=None, past=None):
+        """Causal over x alone; or, with the cache (positions B T, mask B 1 T P+T additive, past (key, value)
+        B K P Dh), over past + x, returning (x, present) as the ONNX decoder does."""
         b, t, d = x.shape
         h, kv, hd = self.n_head, self.n_kv, d // self.n_head
         q, k, v = self.qkv(self.ln_1(x)).split([h * hd, kv * hd, kv * hd], dim=-1)
         q, k, v = q.view(b, t, h, hd), k.view(b, t, kv, hd), v.view(b, t, kv, hd)
         if self.rope:
-            q, k = rope(q, self.inv_freq), rope(k, self.inv_freq)
+            q, k = rope(q, self.inv_freq, positions), rope(k, self.inv_freq, positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B H T D
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            present = (k, v)
         if kv != h:
-            k, v = k.repeat_interleave(h // kv, dim=2), v.repeat_interleave(h // kv, dim=2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         normed = self.ln_2(x)
         hidden = self.fc(normed)
         hidden = F.gelu(hidden, approximate=self.gelu) if self.gate is None else F.silu(self.gate(normed)) * hidden
-        return x + self.fc_out(hidden)
+        x = x + self.fc_out(hidden)
+        return x if past is None else (x, present)
 
 
 class GPT(nn.Module):
@@ -147,11 +160,42 @@ class GPT(nn.Module):
             x = x + self.wpe.weight[: tokens.shape[1]][None]
         for block in self.blocks:
             x = block(x)
+        return self.head(x)
+
+    def head(self, x):
         x = self.ln_f(x)
         logits = x @ self.wte.weight.T if self.lm_head is None else self.lm_head(x)
         if logits.shape[-1] > self.vocab:
             logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= self.vocab, -1e30)
         return logits
+
+    def step(self, input_ids, attention_mask, position_ids, *past):
+        """The KV-cache decoder (decoder.onnx's inputs and outputs, in order): past and present are flat
+        (key, value) per layer, B K P Dh. Same mask rule as mlsys.models.transformer.past_mask."""
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        kpos = torch.cumsum(attention_mask, dim=1) - 1
+        seen = (attention_mask[:, None, :] > 0) & (kpos[:, None, :] <= position_ids[:, :, None])
+        # Additive and finite (not a boolean mask): a query that sees nothing (padding) gets a uniform average, as in
+        # JAX, instead of NaNs that would then reach real rows through the padding slots' keys and values.
+        mask = torch.where(seen, 0.0, -1e30)[:, None]
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, position_ids, mask, (past[2 * i], past[2 * i + 1]))
+            present += kv
+        return (self.head(x), *present)
+
+
+class DecoderStep(nn.Module):
+    """GPT.step as a module's forward, for torch.export (decoder.pt2)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        return self.model.step(input_ids, attention_mask, position_ids, *past)
 
 
 def _linear(sd: dict, prefix: str, p: dict) -> None:

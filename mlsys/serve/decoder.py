@@ -51,8 +51,7 @@ class Decoder:
 
     def empty_past(self, batch: int) -> list:
         """A cache holding nothing (P = 0), for the first call (the prefill)."""
-        z = np.zeros((batch, self.n_kv_head, 0, self.head_dim), np.float32)
-        return [(z, z)] * self.n_layer
+        return empty_past(self.info, batch)
 
     def step(self, input_ids, attention_mask, position_ids, past: list) -> tuple[np.ndarray, list]:
         """Logits [B, T, V] of the new tokens and the cache grown by them ([B, K, P+T, Dh] per layer).
@@ -113,15 +112,27 @@ class Decoder:
     def greedy(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], np.ndarray]:
         """Greedy continuation of each prompt by n tokens, all prompts in one left-padded batch (no stop at EOS;
         positions must stay below max_len). Returns (tokens per prompt, logits [n, B, V] of every step)."""
-        mask, ids = self.left_pad(prompts)
-        past, out, steps = self.empty_past(len(prompts)), [], []
-        for _ in range(n):
-            logits, past = self.step(ids, mask, self.positions(mask, ids.shape[1]), past)
-            steps.append(logits[:, -1])
-            ids = logits[:, -1].argmax(-1).astype(np.int32)[:, None]
-            out.append(ids[:, 0])
-            mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
-        return np.stack(out, 1).tolist(), np.stack(steps)
+        return greedy(self.step, self.empty_past(len(prompts)), prompts, n)
+
+
+def empty_past(info: dict, batch: int) -> list:
+    """A cache holding nothing for the layout `info` (the manifest's "decoder" entry)."""
+    z = np.zeros((batch, info["n_kv_head"], 0, info["head_dim"]), np.float32)
+    return [(z, z)] * info["n_layer"]
+
+
+def greedy(step, past: list, prompts: list[list[int]], n: int) -> tuple[list[list[int]], np.ndarray]:
+    """The greedy loop over any step function with Decoder.step's signature (ONNX Runtime, the torch program):
+    one prefill of the left-padded prompts, then one token per call."""
+    mask, ids = Decoder.left_pad(prompts)
+    out, steps = [], []
+    for _ in range(n):
+        logits, past = step(ids, mask, Decoder.positions(mask, ids.shape[1]), past)
+        steps.append(logits[:, -1])
+        ids = logits[:, -1].argmax(-1).astype(np.int32)[:, None]
+        out.append(ids[:, 0])
+        mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+    return np.stack(out, 1).tolist(), np.stack(steps)
 
 
 def session(path: str, threads: int = 1):
