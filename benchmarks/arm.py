@@ -345,6 +345,7 @@ ARMS = {
     "compile-unrolled": lambda s, n: lm.arm_compile(s, scan=False),
     "decode-cached": lambda s, n: lm.arm_decode(s, cached=True),
     "decode-uncached": lambda s, n: lm.arm_decode(s, cached=False),
+    "decode-ort": lambda s, n: lm.arm_decode_ort(s),
 }
 
 if __name__ == "__main__":

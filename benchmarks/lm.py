@@ -37,20 +37,54 @@ def arm_compile(size: Size, scan: bool) -> dict:
             "deep_layers": deep, "compile_ratio": deep_s / shallow_s, "ms_per_step": 1e3 * deep_s}
 
 
-def arm_decode(size: Size, cached: bool) -> dict:
-    """Tokens per second generating NEW tokens after a PROMPT-token prompt, batch 1, with the cpu size's model and
-    a block that holds prompt and continuation (no sliding): compilation excluded (one warm-up call)."""
-    import jax
+def decode_model(size: Size):
     from flax import nnx
 
-    from mlsys.generate import generate
     from mlsys.models import GPT, GPTConfig
     from mlsys.spec import DataSpec
 
     new, prompt = (16, 8) if name_of(size) == "tiny" else (256, 64)
     cfg = GPTConfig(n_layer=size.n_layer, n_head=size.n_head, d_model=size.d_model, block_size=new + prompt,
                     bias=size.bias)
-    model = GPT(cfg, DataSpec("lm", (size.seq_len,), "int32", size.vocab), rngs=nnx.Rngs(0))
+    return GPT(cfg, DataSpec("lm", (size.seq_len,), "int32", size.vocab), rngs=nnx.Rngs(0)), new, prompt
+
+
+def arm_decode_ort(size: Size) -> dict:
+    """arm_decode's model and lengths through the export's decoder.onnx (ONNX Runtime, one thread, the KV cache
+    as past/present inputs and outputs), greedy, from numpy: what the model server's generation runs."""
+    import os
+    import tempfile
+
+    from mlsys.export.decoder_export import layout, to_onnx_decoder
+    from mlsys.serve.decoder import Decoder
+
+    model, new, prompt = decode_model(size)
+    folder = tempfile.mkdtemp(prefix="mlsys-decode-")
+    info = {**layout(model), **to_onnx_decoder(model, os.path.join(folder, "decoder.onnx"))}
+    dec = Decoder(folder, manifest={"decoder": info})
+    tokens = [list(range(prompt))]
+    t0 = time.perf_counter()
+    dec.greedy(tokens, new)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out, _ = dec.greedy(tokens, new)
+        runs.append(time.perf_counter() - t0)
+        assert len(out[0]) == new
+    best = min(runs)
+    return {"compile_s": compile_s, "ms_per_step": 1e3 * best / new, "tokens_per_s": new / best,
+            "new_tokens": new, "prompt_tokens": prompt, "block_size": new + prompt}
+
+
+def arm_decode(size: Size, cached: bool) -> dict:
+    """Tokens per second generating NEW tokens after a PROMPT-token prompt, batch 1, with the cpu size's model and
+    a block that holds prompt and continuation (no sliding): compilation excluded (one warm-up call)."""
+    import jax
+
+    from mlsys.generate import generate
+
+    model, new, prompt = decode_model(size)
     tokens = [list(range(prompt))]
 
     def once():

@@ -41,9 +41,10 @@ SUITES = {
     "compile": (["compile-scan", "compile-unrolled"], "cpu", 0, "compile-scan",
                 "train-step compile time, shakespeare_char's GPT at 2 and 24 layers; goal: with model.scan_layers=true "
                 "the 24-layer step compiles in at most 1.5x the 2-layer one's time (unrolled beside it)"),
-    "decode": (["decode-cached", "decode-uncached"], "cpu", 0, "decode-uncached",
+    "decode": (["decode-cached", "decode-uncached", "decode-ort"], "cpu", 0, "decode-uncached",
                "256 new tokens after a 64-token prompt, batch 1, shakespeare_char's GPT with block 320; goal: the KV "
-               "cache >= 5x the tokens/s of the uncached sampler (which recomputes the window for every token)"),
+               "cache >= 5x the tokens/s of the uncached sampler (which recomputes the window for every token); "
+               "decode-ort: the export's decoder.onnx (ONNX Runtime, greedy, from numpy)"),
     # steps = measured seconds per concurrency level (0: serve_load's default)
     "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
               "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
