@@ -54,6 +54,9 @@ def test_export_every_family_with_parity(runs, tmp_path, family):
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.safetensors", "model.pt2",
                                "reference_stats.json", *lm}
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
+    if family == "gpt":  # the KV-cache decoder in both forms, gated against mlsys.generate (test_lm_export.py)
+        d = m["decoder"]["parity"]
+        assert d["tokens_equal"] and d["onnx_max_abs_logit_diff"] <= 1e-4 and d["torch_max_abs_logit_diff"] <= 1e-4
     assert m["family"] == family and m["source"]["step"] > 0 and m["source"]["run_dir"] == runs[family]
     sess = ort_session(os.path.join(out, "model.onnx"))
     if family == "gpt":  # batch and sequence length are both symbolic

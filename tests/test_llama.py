@@ -151,6 +151,9 @@ def test_llama_run_exports_with_parity(llama_run, tmp_path, monkeypatch):
     m = verify(export_run(llama_run, out=str(tmp_path / "export")))
     assert m["family"] == "llama" and m["formats"] == ["onnx", "torch"]
     assert m["parity"]["onnx_max_abs_diff"] <= 1e-4 and m["parity"]["torch_max_abs_diff"] <= 1e-4
+    # The KV-cache decoder in both forms (grouped-query heads), gated against mlsys.generate (test_lm_export.py).
+    d = m["decoder"]["parity"]
+    assert d["tokens_equal"] and d["onnx_max_abs_logit_diff"] <= 1e-4 and d["torch_max_abs_logit_diff"] <= 1e-4
 
 
 @pytest.mark.slow
