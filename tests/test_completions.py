@@ -295,3 +295,28 @@ def test_streamed_text_never_sends_half_characters_or_a_stop_strings_start():
         if stopped:
             break
     assert stopped and "".join(sent) == "naïve 日本語 " == stream.text
+
+
+def test_rows_join_and_leave_the_shared_cache_without_changing_a_rows_logits(serve_exports):
+    """The running batch directly: rows of different lengths join (the shorter past padded on the left), one
+    leaves (the slots nobody uses are cut: the past is as long as the longest row), and each remaining row's next
+    logits equal those of the same tokens run alone."""
+    from mlsys.serve.running import RunningBatch
+
+    dec = Decoder(serve_exports["gpt"])
+    batch = RunningBatch(dec)
+    rows = {"long": np.arange(1, 21, dtype=np.int32), "short": np.array([5, 6, 7], np.int32),
+            "mid": np.arange(30, 39, dtype=np.int32)}
+    for names in (["long"], ["short", "mid"]):  # two prefills: the second joins a batch that already decodes
+        _, past, mask = batch.prefill([rows[n] for n in names])
+        batch.join(names, past, mask, np.array([rows[n][-1] for n in names], np.int32))
+        for n in names:
+            rows[n] = np.append(rows[n], rows[n][-1])  # the token each row feeds next
+    assert batch.slots == 20 and len(batch) == 3
+    batch.leave([False, True, True])  # "long" goes: its 20 slots were the widest
+    assert batch.rows == ["short", "mid"] and batch.slots == 9
+    logits = batch.step()
+    for i, n in enumerate(batch.rows):
+        alone, _ = dec.step(rows[n][None], np.ones((1, len(rows[n])), np.int32),
+                            np.arange(len(rows[n]), dtype=np.int32)[None], dec.empty_past(1))
+        assert np.allclose(logits[i], alone[0, -1], atol=1e-5), n
