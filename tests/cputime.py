@@ -3,7 +3,8 @@
 Wall time hides what a test costs on a shared, loaded machine; CPU time does not. Enable it with
 `MLSYS_CPUTIME=path.tsv make test` (tests/conftest.py loads it) or `-p tests.cputime`; every test phase
 (setup, call, teardown) adds to its test's row, and the session prints the ten dearest tests.
-Children count once they are waited for (subprocess.run does); a server killed without wait() is missed.
+Each finished test is also appended to out.tsv.partial at once (an interrupted run keeps its numbers). Children
+count once they are waited for (subprocess.run does); a server killed without wait() is missed.
 """
 
 import glob
@@ -46,6 +47,11 @@ def pytest_runtest_teardown(item):
     c, w = _cpu(), time.perf_counter()
     yield
     _add(item, _cpu() - c, time.perf_counter() - w)
+    path = os.environ.get("MLSYS_CPUTIME", "")
+    if path and path != "1":  # a row per finished test as it goes: an interrupted run still leaves its numbers
+        cpu, wall = _rows[item.nodeid]
+        with open(f"{path}.partial", "a") as f:
+            f.write(f"{cpu:.2f}\t{wall:.2f}\t{item.nodeid}\n")
 
 
 def pytest_sessionfinish(session):
