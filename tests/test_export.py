@@ -210,3 +210,22 @@ def test_reading_a_run_says_nothing_about_read_only_directories(runs, caplog):
     with caplog.at_level("WARNING"):  # the filter is gone afterwards: orbax's other warnings still show
         logging.getLogger("absl").warning("Given directory is read only=%s", "elsewhere")
     assert [r for r in caplog.records if "read only" in r.getMessage()]
+
+
+def test_two_processes_creating_the_signing_key_at_once_agree(monkeypatch):
+    """On a fresh machine two exports at once (parallel tests, a sweep) both find no key: the second to write uses
+    the first one's key instead of failing or overwriting it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from mlsys.export import manifest
+
+    first = manifest.signing_key()  # created under this test's own XDG_CONFIG_HOME
+    exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == manifest.key_path() else exists(p))
+    second = manifest.signing_key()  # it too "found no key" and wrote one
+
+    def raw(k):
+        return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    assert raw(second) == raw(first)
+    assert os.listdir(os.path.dirname(manifest.key_path())) == ["signing_key.pem"]  # no temporary file left

@@ -36,9 +36,18 @@ def signing_key() -> Ed25519PrivateKey:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # readable by its owner only
+        # Written aside, then linked into place: two processes exporting at once on a fresh machine (parallel
+        # tests, a sweep) never read a half-written key; the one that links second uses the first one's key.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # readable by its owner only
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     try:
         key = serialization.load_pem_private_key(open(path, "rb").read(), password=None)
     except (ValueError, TypeError) as e:
