@@ -24,11 +24,11 @@ TEST_WORKERS ?= 3
 .PHONY: install run test clean bench
 
 # uv installs the same pinned set as pip several times faster (a fresh venv: 157 s against 1304 s, loaded machine);
-# it gets pip's configured sources from tools/pip_sources.py. Where uv cannot be had, pip installs as before.
+# it gets pip's configured sources from .ci/pip_sources.py. Where uv cannot be had, pip installs as before.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	($(PY) -m pip install -q uv -c constraints.txt && \
-	  $(PY) -m uv pip install -q --python $(PY) $$($(PY) tools/pip_sources.py) -e ".[$(EXTRAS)]" -c constraints.txt) || \
+	  $(PY) -m uv pip install -q --python $(PY) $$($(PY) .ci/pip_sources.py) -e ".[$(EXTRAS)]" -c constraints.txt) || \
 	($(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e ".[$(EXTRAS)]" -c constraints.txt)
 	touch $(STAMP)
 
