@@ -102,12 +102,14 @@ class Decoder:
 
     @staticmethod
     def take_rows(past: list, mask: np.ndarray, rows) -> tuple[list, np.ndarray]:
-        """The given rows of a batch; slots that are padding in every kept row are dropped (P shrinks)."""
+        """The given rows of a batch; slots that are padding in every kept row are dropped (P shrinks). Copies,
+        not views: a view would keep the whole old cache alive."""
         rows = np.asarray(rows)
         mask = mask[rows]
         used = np.flatnonzero(mask.any(0))
         start = int(used[0]) if len(used) else mask.shape[1]
-        return [(k[rows, :, start:], v[rows, :, start:]) for k, v in past], mask[:, start:]
+        return ([(np.ascontiguousarray(k[rows, :, start:]), np.ascontiguousarray(v[rows, :, start:]))
+                 for k, v in past], mask[:, start:])
 
     def greedy(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], np.ndarray]:
         """Greedy continuation of each prompt by n tokens, all prompts in one left-padded batch (no stop at EOS;

@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 
 from mlsys.errors import ConfigError, MlsysError  # noqa: E402
 from mlsys.serve.config import ServeConfig  # noqa: E402
+from mlsys.serve.decoder import session  # noqa: E402
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ServedModel:
         self.reference = json.load(open(os.path.join(cfg.model, "reference_stats.json")))
         src = self.manifest.get("source", {})
         self.version = f"{self.manifest['family']}-step{src.get('step')}-{files[onnx_file][:12]}"
-        self.session = self._session(os.path.join(cfg.model, onnx_file), cfg.threads)
+        self.session = session(os.path.join(cfg.model, onnx_file), cfg.threads)
         self.input = self._input_spec(cfg)
         self.output_name = self.manifest["onnx"]["outputs"][0]["name"]
         # Language models: the tokenizer and the KV-cache decoder that text generation runs on (None otherwise).
@@ -71,18 +72,6 @@ class ServedModel:
         if self.manifest.get("decoder", "absent") is None:
             return tok, None
         return tok, Decoder(cfg.model, cfg.precision, cfg.threads, self.manifest)
-
-    @staticmethod
-    def _session(path: str, threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # Idle ORT threads spin by default, burning the cores the HTTP side needs between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
     def _input_spec(self, cfg: ServeConfig) -> InputSpec:
         (inp,) = self.manifest["onnx"]["inputs"]

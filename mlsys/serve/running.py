@@ -15,26 +15,7 @@ All of it runs in the scheduler's worker thread (numpy and ONNX Runtime), never 
 
 import numpy as np
 
-
-def pad_left(past: list, mask: np.ndarray, length: int) -> tuple[list, np.ndarray]:
-    """Past and mask widened to `length` slots with empty (masked) slots on the left."""
-    extra = length - mask.shape[1]
-    if extra <= 0:
-        return past, mask
-    widths = ((0, 0), (0, 0), (extra, 0), (0, 0))
-    return ([(np.pad(k, widths), np.pad(v, widths)) for k, v in past],
-            np.pad(mask, ((0, 0), (extra, 0))))
-
-
-def left_padded(prompts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) [n, L]: the prompts right-aligned, zeros (masked) before the shorter ones."""
-    length = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), length), np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = p
-        mask[i, length - len(p):] = 1
-    return ids, mask
+from mlsys.serve.decoder import Decoder
 
 
 class RunningBatch:
@@ -58,19 +39,14 @@ class RunningBatch:
 
     def prefill(self, prompts: list[np.ndarray]) -> tuple[np.ndarray, list, np.ndarray]:
         """Run the prompts (left-padded together, empty past); returns (last logits [n, V], cache, mask)."""
-        ids, mask = left_padded(prompts)
-        positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+        mask, ids = Decoder.left_pad(prompts)
+        positions = Decoder.positions(mask, mask.shape[1])
         logits, present = self.decoder.step(ids, mask, positions, self.decoder.empty_past(len(prompts)))
         return logits[:, -1], present, mask
 
     def join(self, rows: list, past: list, mask: np.ndarray, first: np.ndarray) -> None:
         """Add prefilled rows; `first` is each one's first sampled token (its next input)."""
-        length = max(self.slots, mask.shape[1])
-        old_past, old_mask = pad_left(self.past, self.mask, length)
-        new_past, new_mask = pad_left(past, mask, length)
-        self.past = [(np.concatenate([k0, k1]), np.concatenate([v0, v1]))
-                     for (k0, v0), (k1, v1) in zip(old_past, new_past)]
-        self.mask = np.concatenate([old_mask, new_mask])
+        self.past, self.mask = Decoder.concat_rows([(self.past, self.mask), (past, mask)])
         self.next_ids = np.concatenate([self.next_ids, np.asarray(first, np.int32)])
         self.next_pos = np.concatenate([self.next_pos, mask.sum(1).astype(np.int32)])
         self.rows += rows
@@ -81,13 +57,8 @@ class RunningBatch:
             return
         idx = np.flatnonzero(keep)
         self.rows = [self.rows[i] for i in idx]
-        self.mask, self.next_ids, self.next_pos = self.mask[idx], self.next_ids[idx], self.next_pos[idx]
-        used = np.flatnonzero(self.mask.any(0))
-        start = int(used[0]) if len(used) else self.slots
-        # copies, not views: a view would keep the whole old cache alive
-        self.past = [(np.ascontiguousarray(k[idx, :, start:]), np.ascontiguousarray(v[idx, :, start:]))
-                     for k, v in self.past]
-        self.mask = self.mask[:, start:]
+        self.next_ids, self.next_pos = self.next_ids[idx], self.next_pos[idx]
+        self.past, self.mask = Decoder.take_rows(self.past, self.mask, idx)
 
     def step(self) -> np.ndarray:
         """One decode step for every row: feeds each row's next token; returns logits [B, V]."""
