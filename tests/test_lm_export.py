@@ -129,3 +129,31 @@ def test_server_refuses_lm_exports_missing_the_decoder_or_tokenizer(serve_export
     bare = _without(gpt, tmp_path / "bare", "vocab.json")
     with pytest.raises(ConfigError, match=r"no tokenizer \(vocab.json not in the manifest\)"):
         ServedModel(ServeConfig(model=bare))
+
+
+def test_a_server_that_cannot_generate_says_why_on_v1_completions(serve_exports):
+    """Not a bare 404: the answer names the reason (logits only, or not a language model) and the route to use."""
+    import asyncio
+
+    import httpx
+
+    from mlsys.serve import create_app
+    from mlsys.serve.config import ServeConfig
+    from tests.conftest import SERVE_KEY
+
+    def post(model: str, headers: dict, **settings) -> httpx.Response:
+        app = create_app(ServeConfig(model=model, api_keys_file=serve_exports["keys"], **settings))
+
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                return await client.post("/v1/completions", json={"prompt": "To be"}, headers=headers)
+
+        return asyncio.run(go())
+
+    auth = {"Authorization": f"Bearer {SERVE_KEY}"}
+    logits_only = post(serve_exports["gpt"], auth, completions=False)
+    assert logits_only.status_code == 404 and logits_only.json()["error"] == "no_completions"
+    assert "serve.completions=false" in logits_only.json()["detail"] and "/v1/predict" in logits_only.json()["detail"]
+    assert post(serve_exports["gpt"], {}, completions=False).status_code == 401  # the key is checked first
+    mlp = post(serve_exports["mlp"], auth)
+    assert mlp.status_code == 404 and "is not a language model" in mlp.json()["detail"]

@@ -191,6 +191,11 @@ def create_app(cfg: ServeConfig) -> "HotPath":
 
         v1.post("/completions", responses=completion_responses(), openapi_extra={"requestBody": {
             "required": True, "content": {"application/json": {"schema": completion_schema(limits)}}}})(completions)
+    else:  # a 404 that says why this server cannot generate text, rather than a bare "Not Found"
+        async def no_completions():
+            raise ApiError(404, "no_completions", why_no_completions(model, cfg))
+
+        v1.post("/completions", include_in_schema=False)(no_completions)
     app.include_router(v1)
 
     @app.get("/healthz", responses={200: json_body(STATUS)})
@@ -255,6 +260,18 @@ def language_model(model: ServedModel, cfg: ServeConfig, metrics: Metrics):
     metrics.bind_scheduler(scheduler)
     return scheduler, Limits(context=decoder.max_len, max_tokens=cfg.max_tokens, vocab_size=decoder.vocab,
                              prompt_pattern=prompt_pattern(model.tokenizer))
+
+
+def why_no_completions(model: ServedModel, cfg: ServeConfig) -> str:
+    """Why /v1/completions is not served, and what to do instead."""
+    family = model.manifest["family"]
+    if model.input.kind != "tokens":
+        return f"{family} is not a language model: POST its examples to /v1/predict"
+    if not cfg.completions:
+        return ("this server runs with serve.completions=false (logits only): restart it without that setting to "
+                "generate text, or POST token ids to /v1/predict for logits")
+    return (f"the {family} export has no KV-cache decoder graph (decoder.onnx), so this server cannot generate "
+            f"text: POST token ids to /v1/predict for logits")
 
 
 def warm_up_decoder(decoder) -> None:
