@@ -2,6 +2,7 @@
 python -m experiments.generate run=<run dir> prompt="ROMEO:" [max_new_tokens=200] [temperature=0.8] [top_k=0]
 [top_p=1.0] [seed=0] [step=N]. temperature=0 is greedy."""
 
+import os
 import sys
 
 from mlsys.cli import friendly_errors, key_values
@@ -25,10 +26,18 @@ def main(argv: list[str]) -> None:
     if "run" not in a or "prompt" not in a:
         raise ConfigError('run=<run dir> and prompt="..." are required, e.g. python -m experiments.generate '
                           'run=runs/shakespeare_char/<time> prompt="ROMEO:"')
+    from mlsys.config import load_saved
     from mlsys.export.restore import load_run
     from mlsys.generate import complete
     from mlsys.models import family_of
 
+    saved = load_saved(a["run"]) if os.path.isdir(a["run"]) else None
+    if saved is not None and saved.data.name == "synthetic":  # said before any weights are restored
+        cfg = saved
+        raise ConfigError(f"run={a['run']!r} trained model={cfg.model.name} on data=synthetic (random token ids): it "
+                          f"has no tokenizer to turn a prompt into ids. A Hugging Face folder imported without its "
+                          f"tokenizer.json gives such a run: put the model's tokenizer.json in that folder and import "
+                          f"it again (python -m experiments.import_hf <folder>)")
     run = load_run(a["run"], number(a, "step", int, 0) or None)
     if run.dataset.tokenizer is None:
         raise ConfigError(f"run={a['run']!r} trained model={run.cfg.model.name} on data={run.cfg.data.name}, not a "

@@ -153,9 +153,15 @@ def load_saved(run_dir: str) -> Config:
         schema = OmegaConf.structured(Config)
         schema.model = OmegaConf.structured(REGISTRY[raw.model.name].config)
         schema.data = OmegaConf.structured(DATA_CONFIGS[raw.data.name])
-        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, raw))
     except Exception as e:
         raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
+    # A run dir moved or copied elsewhere (an imported Hugging Face model names its tokenizer by absolute path):
+    # when the configured tokenizer.json is gone, the run's own copy is the tokenizer it trained with.
+    tok, own = getattr(cfg.data, "tokenizer", ""), os.path.join(run_dir, "tokenizer.json")
+    if tok and tok.endswith(".json") and not os.path.isfile(os.path.expanduser(tok)) and os.path.isfile(own):
+        cfg.data.tokenizer = os.path.abspath(own)
+    return cfg
 
 
 def check_preset_model(overrides: list[str], conf_dir: str) -> None:

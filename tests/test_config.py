@@ -95,3 +95,38 @@ def test_mesh_minus_one_fills_devices():
     assert resolve_shape(cfg.mesh, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
     cfg = typed_cfg(["+exp=digits_mlp", "mesh.shape={data:2,fsdp:-1,tensor:2}"])
     assert resolve_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _saved_run(folder, data) -> str:
+    """A run dir holding only the config.yaml a run writes (enough for what reads the config before weights)."""
+    from omegaconf import OmegaConf
+
+    from mlsys.models import LlamaConfig
+
+    folder.mkdir()
+    OmegaConf.save(OmegaConf.structured(Config(model=LlamaConfig(), data=data)), folder / "config.yaml")
+    return str(folder)
+
+
+def test_a_moved_run_dir_finds_its_own_tokenizer(tmp_path):
+    """An imported HF run names its tokenizer.json by absolute path; moved elsewhere, the run's copy is used."""
+    from mlsys.config import load_saved
+    from mlsys.data.sources import TextConfig
+
+    gone = str(tmp_path / "was_here" / "tokenizer.json")
+    run = _saved_run(tmp_path / "moved", TextConfig(tokenizer=gone))
+    assert load_saved(run).data.tokenizer == gone  # the run has no copy of its own: left as written
+    (tmp_path / "moved" / "tokenizer.json").write_text("{}")
+    assert load_saved(run).data.tokenizer == str(tmp_path / "moved" / "tokenizer.json")
+
+
+def test_generate_refuses_a_run_without_a_tokenizer_before_restoring(tmp_path, capsys):
+    from experiments import generate
+    from mlsys.data.sources import SyntheticConfig
+
+    run = _saved_run(tmp_path / "imported", SyntheticConfig(task="lm"))  # no checkpoint: refused before reading one
+    with pytest.raises(SystemExit) as e:
+        generate.main([f"run={run}", "prompt=ROMEO:"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "data=synthetic (random token ids): it has no tokenizer" in err
+    assert "import it again (python -m experiments.import_hf <folder>)" in err
