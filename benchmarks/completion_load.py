@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.serve_load import KEY, start_server
+from benchmarks.serve_load import KEY, closed_loop, start_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"lm-continuous": ["serve.max_batch=64", "serve.max_queue=256"],
@@ -108,28 +108,21 @@ async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes]) 
     ttft, tokens, errors = [], [0], {}
     clients = [Stream(url) for _ in range(concurrency)]
 
-    async def caller(k: int, until: float, record: bool):
-        i = k
-        while time.perf_counter() < until:
-            try:
-                status, first, n = await clients[k].complete(bodies[i % len(bodies)])
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:  # counted; the next one reconnects
-                status, first, n = type(e).__name__, None, 0
-                await clients[k].aclose()
-            if record:
-                if status == 200 and first is not None:
-                    ttft.append(first)
-                    tokens[0] += n
-                else:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
-            i += concurrency
+    async def one(k: int, i: int, record: bool):
+        try:
+            status, first, n = await clients[k].complete(bodies[i % len(bodies)])
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:  # counted; the next one reconnects
+            status, first, n = type(e).__name__, None, 0
+            await clients[k].aclose()
+        if record:
+            if status == 200 and first is not None:
+                ttft.append(first)
+                tokens[0] += n
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
 
-    try:
-        warm = time.perf_counter() + min(1.0, seconds / 3)  # connections opened, caches warm: not counted
-        await asyncio.gather(*(caller(k, warm, False) for k in range(concurrency)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller(k, t0 + seconds, True) for k in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+    try:  # the calls started before the window closes run to their end and count
+        elapsed = await closed_loop(concurrency, seconds, one)
     finally:
         for c in clients:
             await c.aclose()

@@ -101,6 +101,24 @@ class KeepAlive:
             self.writer.close()
 
 
+async def closed_loop(concurrency: int, seconds: float, one) -> float:
+    """`concurrency` callers, each awaiting `one(k, i, record)` again as soon as its last call returns: a warm-up
+    window first (connections opened, caches warm; record=False), then `seconds` measured (record=True). Caller k
+    takes inputs i = k, k + concurrency, ... Returns the measured window's length in seconds."""
+
+    async def caller(k: int, until: float, record: bool):
+        i = k
+        while time.perf_counter() < until:
+            await one(k, i, record)
+            i += concurrency
+
+    warm = time.perf_counter() + min(1.0, seconds / 3)
+    await asyncio.gather(*(caller(k, warm, False) for k in range(concurrency)))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(k, t0 + seconds, True) for k in range(concurrency)))
+    return time.perf_counter() - t0
+
+
 async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes], client: str = "lean") -> dict:
     """`concurrency` callers, each sending its next request as soon as the last one is answered, for `seconds`."""
     import httpx
@@ -113,30 +131,23 @@ async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes], 
                httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=httpx.Limits(max_connections=1))
                for _ in range(concurrency)]
 
-    async def caller(k: int, until: float, record: bool):
-        i = k
-        while time.perf_counter() < until:
-            t0 = time.perf_counter()
-            try:
-                if client == "lean":
-                    status = await clients[k].post("/v1/predict", bodies[i % len(bodies)])
-                else:
-                    status = (await clients[k].post("/v1/predict", content=bodies[i % len(bodies)])).status_code
-            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as e:
-                status = type(e).__name__
-            if record:
-                if status == 200:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
-            i += concurrency
+    async def one(k: int, i: int, record: bool):
+        t0 = time.perf_counter()
+        try:
+            if client == "lean":
+                status = await clients[k].post("/v1/predict", bodies[i % len(bodies)])
+            else:
+                status = (await clients[k].post("/v1/predict", content=bodies[i % len(bodies)])).status_code
+        except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as e:
+            status = type(e).__name__
+        if record:
+            if status == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
 
     try:
-        warm = time.perf_counter() + min(1.0, seconds / 3)  # connections opened, caches warm: not counted
-        await asyncio.gather(*(caller(k, warm, False) for k in range(concurrency)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller(k, t0 + seconds, True) for k in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        elapsed = await closed_loop(concurrency, seconds, one)
     finally:
         for c in clients:
             await c.aclose()
