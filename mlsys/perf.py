@@ -6,6 +6,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 
 # Dense bf16 peak TFLOP/s per chip (vendor figures; MFU conventionally divides by the bf16 peak whatever the
 # compute dtype). Matched as substrings of jax's device_kind, first match wins.
@@ -47,6 +48,10 @@ def enable_compile_cache(path: str) -> None:
         return
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir not in (None, path):
+        # Another cache (JAX_COMPILATION_CACHE_DIR in the environment, an earlier run in this process) may be open
+        # already, and jax keeps the one it opened first: this run's setting wins.
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, jaxtyping shape checks on every mlsys function, tiny configs."""
+"""Test set-up: 8 simulated CPU devices, jaxtyping shape checks on every mlsys function, tiny configs, one
+compilation cache for the whole session (tests/compile_cache.py)."""
 
 import os
 
@@ -12,6 +13,8 @@ from jaxtyping import install_import_hook  # noqa: E402
 install_import_hook("mlsys", "beartype.beartype")
 
 import pytest  # noqa: E402
+
+from tests import compile_cache  # noqa: E402
 
 # MLSYS_CPUTIME=out.tsv records CPU seconds per test (tests/cputime.py); off by default.
 if os.environ.get("MLSYS_CPUTIME"):
@@ -180,6 +183,14 @@ def shared_run(tmp_path_factory):
         return copy.deepcopy(results), run_dir
 
     return get
+
+
+def pytest_configure(config):
+    compile_cache.start()  # before xdist starts its workers: they, and every process the tests start, share it
+
+
+def pytest_unconfigure(config):
+    compile_cache.stop()
 
 
 # --- pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): a module whose tests share a module-scoped fixture
