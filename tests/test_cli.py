@@ -1,4 +1,6 @@
-"""The command line as a user meets it: real processes, the run dir layout, and every bad input's message."""
+"""The command line as a user meets it: real processes, the run dir layout, and every bad input's message. The bad
+inputs stop before any training: they run the same `python -m experiments.run` in this process (tests/entry.py),
+which skips the seconds each new interpreter spends importing jax and friends; one still starts a real process."""
 
 import os
 import re
@@ -8,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.entry import run_main
 
 FAST = ["logger=jsonl", "trainer.progress=false"]
 
@@ -53,14 +56,15 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
-    out = run_cli([*FAST, *args], tmp_path, timeout=120)
-    assert out.returncode != 0
-    assert message in out.stderr + out.stdout, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    code, out, err = run_main("experiments.run", [*FAST, *args], tmp_path)
+    assert code != 0
+    assert message in err + out, err[-2000:]
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
 
 
 def test_text_file_that_is_not_utf8(tmp_path):
+    """A real process: a user error exits 2 with one line, no traceback, from the interpreter's own start."""
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("déjà vu ".encode("latin-1") * 200)
     out = run_cli([*FAST, "+exp=shakespeare_char", f"data.path={bad}"], tmp_path, timeout=120)

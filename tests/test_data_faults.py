@@ -1,5 +1,6 @@
 """Data faults in a user's files, made for real on disk: each is a DataError naming the file, and the array and
-the record where there is one; through the command line, one line and exit code 2."""
+the record where there is one; through the command line (run in this process, tests/entry.py), one line and exit
+code 2."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from mlsys.data.sources import ArraysConfig, TextConfig, load
 from mlsys.errors import DataError
 from mlsys.models import CNNConfig, MLPConfig
 from mlsys.models.family import check_fits
-from tests.test_cli import FAST, run_cli
+from tests.entry import run_main
+from tests.test_cli import FAST
 
 
 def good(n=50):
@@ -112,8 +114,8 @@ def test_data_faults_through_the_command_line(tmp_path, fault, message):
     else:
         np.savez(path, **good())
     args = [*FAST, "data=arrays", f"data.path={path}", "data.batch_size=8", "trainer.steps=2"]
-    out = run_cli([*args, *(["model=cnn", "model.channels=[4]", "model.hidden=8"] if fault == "cnn" else [])],
-                  tmp_path, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    line = out.stderr.strip().splitlines()[-1]
+    code, _, err = run_main("experiments.run", [*args, *(["model=cnn", "model.channels=[4]", "model.hidden=8"]
+                                                         if fault == "cnn" else [])], tmp_path)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: data.path={str(path)!r}") and message in line

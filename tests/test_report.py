@@ -1,15 +1,12 @@
 """Reports over a real little sweep: sorted table (Markdown, CSV), curves and objective plots; clear errors."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 
 from mlsys.errors import MlsysError
 from mlsys.report import find_runs, write_report
-from tests.conftest import ROOT
+from tests.entry import run_main
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +47,8 @@ def test_report_errors(sweep, tmp_path):
         write_report(str(tmp_path))
     with pytest.raises(MlsysError, match=r"metric='val.f1': no run logged it; the runs logged \[.*'val.accuracy'"):
         write_report(str(sweep), metric="val.f1", out=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "none")], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 2 and "no such directory" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = run_main("experiments.report", [str(tmp_path / "none")], tmp_path)  # `python -m`, in-process
+    assert code == 2 and "no such directory" in err and "Traceback" not in err
 
 
 def test_curves_name_runs_by_swept_values_with_validation_and_markers(sweep):
