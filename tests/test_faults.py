@@ -186,12 +186,17 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_is_unto
 
 
 def test_checkpoint_dir_that_cannot_be_created_fails_before_training(tmp_path):
-    """Works as root too (CI), where permission bits do not stop writes: `checkpoints` is a regular file."""
+    """Works as root too (CI), where permission bits do not stop writes: `checkpoints` is a regular file. The
+    command runs in this process (tests/entry.py): it stops before any training, so a process start would be most of
+    its cost."""
+    from tests.entry import run_main
+
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("not a directory")
-    proc = launch(tmp_path / "run", tmp_path, "trainer.steps=10", args=DISK, cache=False)
-    assert proc.wait(timeout=300) == 2
-    line = (tmp_path / "stderr.log").read_text().strip().splitlines()[-1]
+    code, _, err = run_main("experiments.run", [*DISK, f"hydra.run.dir={tmp_path / 'run'}", "trainer.compile_cache=",
+                                                "trainer.steps=10"], tmp_path)
+    assert code == 2, err[-3000:]
+    line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: checkpoint dir {tmp_path / 'run' / 'checkpoints'} is not writable (File exists")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
 

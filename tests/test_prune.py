@@ -73,7 +73,6 @@ def zeros_held(run_dir: str, masks_from: str | None = None) -> float:
 def test_prune_finetune_resume_export_keep_the_zeros(train_tiny, shared_run, tmp_path):
     from mlsys.export import export_run
     from mlsys.prune import prune_run
-    from tests.conftest import ROOT
 
     _, dense = shared_run("digits_mlp")
     r = prune_run(dense, 0.75, out=str(tmp_path / "pruned"))
@@ -90,9 +89,7 @@ def test_prune_finetune_resume_export_keep_the_zeros(train_tiny, shared_run, tmp
     p = manifest["pruning"]
     assert p["sparsity"] == 0.75 and p["zero_fraction"] == pytest.approx(0.75, abs=1e-3)
     assert p["files"]["model.onnx"]["compressed_bytes"] < p["files"]["model.onnx"]["bytes"] / 2
-    import subprocess
-    import sys
+    from tests.entry import run_main
 
-    out = subprocess.run([sys.executable, "-m", "experiments.prune", f"run={dense}", "sparsity=1"], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 2 and "sparsity=1.0: must be in [0, 1)" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = run_main("experiments.prune", [f"run={dense}", "sparsity=1"], tmp_path)  # `python -m`, in-process
+    assert code == 2 and "sparsity=1.0: must be in [0, 1)" in err and "Traceback" not in err

@@ -1,5 +1,6 @@
 """Sweeps through the real command line: Optuna studies that resume where they stopped, grids, the objective each
-run returns, wandb groups, bad sweeps; and re-launching a run from its run dir."""
+run returns, wandb groups, bad sweeps; and re-launching a run from its run dir. The bad inputs run the same
+`python -m ...` in this process (tests/entry.py); one, an install without Optuna, needs a process of its own."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from mlsys.config import register
 from mlsys.report import find_runs, objective
 from tests.conftest import BASE, CONF, PRESETS, ROOT
+from tests.entry import run_main
 
 SWEEPS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "sweep")) if f.endswith("_optuna.yaml"))
 TINY_MLP = ["trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=10", "model.hidden=[16]",
@@ -128,12 +130,16 @@ def test_optuna_sweep_bad_input_fails_before_any_trial(tmp_path, case):
             "      optim.lrr: interval(0.1, 0.2)\n")
         args += ["+sweep=bad", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
         args.remove("+sweep=digits_optuna")
-    p = cli(tmp_path, *args, check=False, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, **env})
+    if case == "no optuna":  # a process whose import path hides Optuna
+        p = cli(tmp_path, *args, check=False, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, **env})
+        code, err = p.returncode, p.stderr
+    else:
+        code, _, err = run_main("experiments.run", args, tmp_path)
     message = {"no optuna": "error: Bayesian sweeps (+sweep=...) need Optuna (No module named 'optuna'): "
                             "pip install -e \".[sweep]\"",
                "bad sampler": "error: hydra.sweeper.sampler='cma': must be one of ['tpe', 'random']",
                "bad key": "Key 'lrr' not in 'OptimConfig'"}[case]
-    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert code != 0 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "sw").exists() or not list((tmp_path / "sw").iterdir())
 
 
@@ -153,8 +159,8 @@ def test_grid_sweep_groups_wandb_runs_and_reports(tmp_path):
 
 
 def test_sweep_over_a_key_that_does_not_exist(tmp_path):
-    p = cli(tmp_path, "-m", "+exp=digits_mlp", "optim.lrr=1e-3,1e-2", check=False)
-    assert p.returncode != 0 and "Key 'lrr' not in 'OptimConfig'" in p.stderr
+    code, _, err = run_main("experiments.run", ["-m", "+exp=digits_mlp", "optim.lrr=1e-3,1e-2"], tmp_path)
+    assert code != 0 and "Key 'lrr' not in 'OptimConfig'" in err
     assert not (tmp_path / "multirun").exists() or not any((tmp_path / "multirun").rglob("metrics.jsonl"))
 
 
@@ -164,8 +170,8 @@ def test_sweep_over_a_key_that_does_not_exist(tmp_path):
     ("sweep.mode=best", "sweep.mode='best': must be one of ['min', 'max', 'last']"),
 ])
 def test_bad_objective_is_refused_before_training(tmp_path, override, message):
-    p = cli(tmp_path, "+exp=digits_mlp", *TINY_MLP, override, check=False)
-    assert p.returncode == 2 and message in p.stderr and not list(tmp_path.rglob("metrics.jsonl"))
+    code, _, err = run_main("experiments.run", ["+exp=digits_mlp", *TINY_MLP, override], tmp_path)
+    assert code == 2 and message in err and not list(tmp_path.rglob("metrics.jsonl"))
 
 
 def test_objective_from_a_split_the_data_lacks(tmp_path):
@@ -193,7 +199,7 @@ def test_rerun_from_the_run_dir_is_bit_identical(tmp_path):
     assert json.load(open(again / "rerun.json"))["of"] == str(tmp_path / "first")
     # Overrides on top are applied and recorded; a bad one, or a folder that is not a run, is a clear error.
     cli(tmp_path, "first", "seed=1", module="experiments.rerun")
-    bad = cli(tmp_path, "first", "optim.lrr=1", module="experiments.rerun", check=False)
-    assert bad.returncode == 2 and "lrr" in bad.stderr
-    none = cli(tmp_path, str(tmp_path / "runs"), module="experiments.rerun", check=False)
-    assert none.returncode == 2 and "not a run dir (no config.yaml)" in none.stderr
+    code, _, err = run_main("experiments.rerun", ["first", "optim.lrr=1"], tmp_path)
+    assert code == 2 and "lrr" in err
+    code, _, err = run_main("experiments.rerun", [str(tmp_path / "runs")], tmp_path)
+    assert code == 2 and "not a run dir (no config.yaml)" in err
