@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlsys.export.onnx_export import ExportError, export_view
+from mlsys.export.onnx_export import ExportError, export_view, quiet_onnx_ir
 from mlsys.models.transformer import Past
 
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -54,6 +54,7 @@ def to_onnx_decoder(model: nnx.Module, path: str) -> dict:
     import jax2onnx
     import onnx
 
+    quiet_onnx_ir()
     dims = layout(model)
     b, p, t = jax.export.symbolic_shape("B, P, T", constraints=["T >= 1"])
     ints = [jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, p + t), jnp.int32),

@@ -1,5 +1,6 @@
 """ONNX through jax2onnx: symbolic batch (and sequence) dimensions, onnx.checker, ONNX Runtime, INT8."""
 
+import logging
 import os
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime writes telemetry files otherwise
@@ -33,9 +34,18 @@ def input_signature(spec: DataSpec, max_len: int | None):
     return ("B", *spec.input_shape), ["B", *spec.input_shape]
 
 
+def quiet_onnx_ir() -> None:
+    """onnx_ir warns once per intermediate value jax2onnx leaves untyped ("The value type for shape [1] is not
+    known ... Skipping serialization"): only optional shape annotations are skipped — onnx.checker and the parity
+    gates check the graph itself — yet it is a dozen lines per layer on every export."""
+    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
+
+
 def to_onnx(model: nnx.Module, spec: DataSpec, path: str, max_len: int | None = None) -> dict:
     import jax2onnx
     import onnx
+
+    quiet_onnx_ir()
 
     sig, named = input_signature(spec, max_len)
     view = export_view(model)
