@@ -4,7 +4,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from mlsys import checkpoint
+from mlsys import checkpoint, hostmem
 from mlsys.data.augment import augmenter, with_augment
 from mlsys.optim import make_optimizer
 from mlsys.parallel import batch_sharding, param_shardings
@@ -26,6 +26,8 @@ def build(cfg, spec, mesh: jax.sharding.Mesh, total_steps: int) -> Trainer:
     """Create the state in its shards and the train step for `cfg.trainer.step` (jit or shard_map): one step
     function for every mesh, shardings given to jit as data."""
     kind = cfg.trainer.step
+    if mesh.devices.flat[0].platform == "cpu":  # the step's scratch buffer reused, not mmapped afresh per step
+        hostmem.keep_step_memory()
     _, abstract_params, _ = split_model(abstract_model(cfg.model, spec, cfg.seed, cfg.lora, cfg.prune),
                                      train=True)
     tx, lr_schedule = make_optimizer(cfg.optim, total_steps, abstract_params, clip=kind == "jit")
