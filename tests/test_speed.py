@@ -148,3 +148,13 @@ def test_second_launch_reuses_the_compilation_cache(tmp_path):
         if _ == 0:
             first = set(os.listdir(cache))
     assert first and set(os.listdir(cache)) == first  # every executable of the second launch came from the cache
+
+
+def test_cpu_peak_is_measured_once_per_process():
+    """The ~100 GFLOP matmul that stands in for a CPU's peak runs once, not at the start of every run."""
+    from mlsys.perf import measured_cpu_tflops, peak_tflops
+
+    first, _ = peak_tflops("cpu")
+    misses = measured_cpu_tflops.cache_info().misses
+    assert peak_tflops("cpu") == (first, "measured float32 matmul") and first > 0
+    assert measured_cpu_tflops.cache_info().misses == misses
