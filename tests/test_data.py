@@ -153,3 +153,14 @@ def test_resume_on_another_process_count_skips_and_repeats_no_example(before, af
     ids += _read(then, 5)
     assert ids == whole
     assert sorted(ids[:40]) == list(range(40))  # the first epoch holds every example once
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_batches_are_grains_shuffled_stream(process_count):
+    """The iterator computes its indices itself (no per-element pipeline layers): the rows must be exactly those of
+    grain's source → seed → shuffle → repeat stream, across epoch boundaries, for every process's part."""
+    import grain
+
+    stream = grain.MapDataset.source(_Ids()).seed(5).shuffle().repeat(None)
+    its = [train_iterator(_Ids(), 8, 5, p, process_count) for p in range(process_count)]
+    assert _read(its, 16) == [int(stream[i]["id"]) for i in range(16 * 8)]  # 3.2 epochs of 40
