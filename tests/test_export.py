@@ -74,14 +74,16 @@ def test_export_every_family_with_parity(runs, tmp_path, family):
 def test_a_process_exports_language_models_again_and_again(runs, tmp_path, shared_run, caplog):
     """Regression: the second GPT export in one process used to fail (a position-table slice lowered to a gather
     with a symbolic size). Rope and learned positions, twice each, in one process. And quietly: onnx_ir's warnings
-    about untyped intermediate values used to print a dozen lines per layer."""
+    about untyped intermediate values used to print a dozen lines per layer. The repeats leave the KV-cache decoder
+    out (decoder=False): model.onnx is what the regression was about, and the first two exports gate it."""
     import logging
 
     caplog.set_level(logging.WARNING)
     _, learned = shared_run("shakespeare_char", "model.block_size=32")
     for i, run in enumerate([runs["gpt"], learned, runs["gpt"], learned]):
-        m = verify(export_run(run, formats=("onnx",), out=str(tmp_path / f"e{i}")))
+        m = verify(export_run(run, formats=("onnx",), out=str(tmp_path / f"e{i}"), decoder=i < 2))
         assert m["parity"]["onnx_max_abs_diff"] <= 1e-4
+        assert (m["decoder"] is None) == (i >= 2) and ("decoder.onnx" in m["files"]) == (i < 2)
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("onnx_ir")]
 
 
@@ -93,7 +95,8 @@ def test_int8_digits_keeps_accuracy_and_is_3x_smaller(runs, tmp_path):
 
 
 def test_torch_program_runs_with_torch_alone(runs, tmp_path):
-    out = export_run(runs["gpt"], out=str(tmp_path / "e"), formats=("torch",))
+    # model.pt2 alone (decoder.pt2 and its gate: test_export_every_family_with_parity[gpt])
+    out = export_run(runs["gpt"], out=str(tmp_path / "e"), formats=("torch",), decoder=False)
     code = ("import sys, torch\n"
             f"m = torch.export.load({os.path.join(out, 'model.pt2')!r}).module()\n"
             "y = m(torch.zeros((2, 9), dtype=torch.int64))\n"
@@ -172,7 +175,7 @@ def test_cli_export_and_verify(runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
     out = str(tmp_path / "e")
     r = subprocess.run([sys.executable, "-m", "experiments.export", f"run={runs['mlp']}", "format=onnx",
-                        f"out={out}"], capture_output=True, text=True, env=env, timeout=300)
+                        f"out={out}", "decoder=false"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith(out), r.stderr[-2000:]
     ok = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 2 files")  # model.onnx, reference_stats.json
@@ -180,9 +183,19 @@ def test_cli_export_and_verify(runs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.verify", out], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "model.onnx: listed in the manifest but missing" in bad.stderr
     assert "Traceback" not in bad.stderr
-    r = subprocess.run([sys.executable, "-m", "experiments.export", "run=/no/such/run"], capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["run=/no/such/run"], "no such directory"),
+                                           (["run=/no/such/run", "decoder=maybe"], "decoder='maybe': expected true")])
+def test_cli_export_errors_are_one_line(args, message, capsys):
+    """The entry point's own main (what `python -m experiments.export` runs, minus a process start): exit 2, the
+    message, no traceback."""
+    from experiments.export import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_nothing_from_elsewhere_is_ever_unpickled():

@@ -90,5 +90,5 @@ def test_qlora_run_trains_stores_quantized_and_exports(train_tiny, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(q, "metrics.jsonl"))]
     train = [r["loss"] for r in rows if r["split"] == "train"]
     assert train[-1] < train[0]
-    manifest = json.load(open(os.path.join(export_run(q, formats=("onnx",)), "manifest.json")))
+    manifest = json.load(open(os.path.join(export_run(q, formats=("onnx",), decoder=False), "manifest.json")))
     assert manifest["lora"]["quantize_base"] == "nf4" and manifest["lora"]["merged"]

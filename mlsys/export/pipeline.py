@@ -46,8 +46,12 @@ def accuracy(outputs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, quantize: str | None = None,
-               out: str | None = None, tol: float = 1e-4) -> str:
-    """Export a run; returns the export folder. Raises ExportError (and writes nothing) if parity fails."""
+               out: str | None = None, tol: float = 1e-4, decoder: bool = True) -> str:
+    """Export a run; returns the export folder. Raises ExportError (and writes nothing) if parity fails.
+
+    decoder=False: a language model's export leaves out the KV-cache decoder (decoder.onnx / decoder.pt2) and its
+    generation gate, the slow part of an LM export; the manifest says "decoder": null and the server then serves
+    logits only (/v1/predict, no /v1/completions). Every other file is written and gated as usual."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"format={','.join(formats)}: choose from {list(FORMATS)}")
@@ -119,7 +123,7 @@ def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, q
             manifest["parity"]["peft_max_abs_diff"] = manifest["peft"].pop("max_abs_diff")
             manifest["formats"].append("peft")
         if spec.task == "lm" and {"onnx", "torch"} & set(formats):  # text generation: the KV-cache decoder
-            manifest["decoder"] = decoder(run, tmp, x, formats, quantize, tol)
+            manifest["decoder"] = export_lm_decoder(run, tmp, x, formats, quantize, tol) if decoder else None
         if run.cfg.prune.sparsity:  # the zeros stay in the files; how far they compress
             manifest["pruning"] = {**asdict(run.cfg.prune), **pruning_report(run.model, tmp)}
         manifest["reference_stats"] = write_reference(run, tmp, to_raw)
@@ -135,7 +139,8 @@ def export_run(run_dir: str, step: int | None = None, formats=DEFAULT_FORMATS, q
     return out
 
 
-def decoder(run: LoadedRun, folder: str, x: np.ndarray, formats, quantize: str | None, tol: float) -> dict | None:
+def export_lm_decoder(run: LoadedRun, folder: str, x: np.ndarray, formats, quantize: str | None,
+                      tol: float) -> dict | None:
     """decoder.onnx / decoder.pt2 for a model with a growing KV cache (Decoder.step: gpt, llama); None for other
     language models (their exports serve logits only). Two held-out prompts of different lengths (a ragged
     batch)."""
