@@ -199,10 +199,15 @@ def test_hugging_face_to_mlsys_to_hugging_face_is_bitwise(tmp_path, signing_key,
 
 
 @pytest.mark.slow
-def test_transformers_disagreeing_fails_the_export_and_writes_nothing(lora_run, tmp_path, signing_key):
+def test_transformers_disagreeing_fails_the_export_and_writes_nothing(lora_run, tmp_path, signing_key,
+                                                                       monkeypatch):
     from mlsys.export import ExportError, export_run
 
+    import mlsys.export.hf_export as hf_export
+
+    real = hf_export.transformers_logits  # injected: a tiny tolerance alone fails only where the two differ at all
+    monkeypatch.setattr(hf_export, "transformers_logits", lambda model, x: real(model, x) + 1e-3)
     with pytest.raises(ExportError, match=r"^parity failed: transformers differs from JAX by max \|diff\| = .* > "
-                                          r"1e-12 on held-out inputs; the export was not written$"):
-        export_run(lora_run, formats=("hf",), out=str(tmp_path / "e"), tol=1e-12)
+                                          r"0.0001 on held-out inputs; the export was not written$"):
+        export_run(lora_run, formats=("hf",), out=str(tmp_path / "e"))
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "e.partial")
