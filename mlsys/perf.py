@@ -18,7 +18,6 @@ PEAK_TFLOPS = {
 
 
 @functools.cache
-@functools.cache
 def measured_cpu_tflops() -> float:
     """CPUs have no table entry: the achieved float32 FLOP/s of a 2048x2048 matmul, measured once per process
     (about 100 GFLOP: a second or two of CPU that each further run in the process need not pay again)."""
