@@ -16,6 +16,9 @@ EXP ?= digits_mlp
 ARGS ?=
 # Tests simulate 8 devices on the CPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# Processes write their .pyc files (an environment setting PYTHONDONTWRITEBYTECODE=1 makes every test process
+# compile its imports from source: tests/conftest.py drops it for the processes the tests start, this for pytest).
+unexport PYTHONDONTWRITEBYTECODE
 # pytest-xdist workers for `make test`: much of the suite waits on subprocesses (training runs, servers, process
 # groups), so 3 workers keep 2 cores busy; tests/conftest.py keeps a module's shared fixtures on one worker.
 # TEST_WORKERS=0 runs everything in one process.

@@ -2,10 +2,28 @@
 compilation cache for the whole session (tests/compile_cache.py)."""
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# Test-only speed settings, set before jax is imported so that this process, the xdist workers and every process the
+# tests start inherit them (none of them applies to `make run` or `make bench`):
+# - XLA's optimisation passes cost more than they save on the tests' tiny computations: a ResNet mesh test's
+#   compiles fell from 67 to 29 CPU-s. Numerics are compared with tolerances everywhere, and pass either way.
+_JAX_IMPORTED_EARLY = "jax" in sys.modules
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# - XLA:CPU's fusion emitters compile each fusion through MLIR: a tiny GPT step's compile is 1.9 CPU-s with them and
+#   0.6 without, with bit-identical losses. (XLA aborts on a flag it does not know: recheck on a jaxlib upgrade.)
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+# - 3 xdist workers share 2 cores: a thread pool per process (OpenMP in torch, onnxruntime) only oversubscribes them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# - Some environments set PYTHONDONTWRITEBYTECODE=1 and installers write no .pyc: every process the tests start
+#   would then compile jax, flax, torch... from source (`import experiments.run`: 5.7 CPU-s against 2.2).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 from jaxtyping import install_import_hook  # noqa: E402
 
@@ -15,6 +33,12 @@ install_import_hook("mlsys", "beartype.beartype")
 import pytest  # noqa: E402
 
 from tests import compile_cache  # noqa: E402
+
+if _JAX_IMPORTED_EARLY:  # a plugin imported jax before this file: the settings above came too late for this process
+    import warnings
+
+    warnings.warn("jax was imported before tests/conftest.py: JAX_DISABLE_MOST_OPTIMIZATIONS and XLA_FLAGS set "
+                  "there apply to child processes only; this run is slower than it need be")
 
 # MLSYS_CPUTIME=out.tsv records CPU seconds per test (tests/cputime.py); off by default.
 if os.environ.get("MLSYS_CPUTIME"):
