@@ -57,3 +57,28 @@ def test_a_family_registered_outside_the_loop_trains(toy, train_tiny):
     row = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).readline())
     env = json.load(open(os.path.join(run_dir, "env.json")))
     assert env["flops_per_example"] == 6.0 * env["n_params"] and 0 < row["mfu"] < 1
+
+
+@dataclass
+class LateConfig:
+    name: str = "late"
+
+
+def test_schemas_are_stored_once_and_a_late_family_at_the_next_call(monkeypatch):
+    """register_schemas runs before every compose: what is already in the ConfigStore is not stored again (it costs
+    a structured-config conversion per schema), but a family registered since is."""
+    from hydra.core.config_store import ConfigStore
+
+    register_schemas()
+    cs, stored = ConfigStore.instance(), []
+    store = cs.store
+    monkeypatch.setattr(cs, "store", lambda **kw: (stored.append(kw["name"]), store(**kw)))
+    register_schemas()
+    assert stored == []
+    register(Family(name="late", config=LateConfig, build=lambda cfg, spec, rngs: None, task="classify"))
+    try:
+        register_schemas()
+        register_schemas()
+    finally:
+        del REGISTRY["late"]
+    assert stored == ["late_schema"] and cs.load("model/late_schema.yaml").node.name == "late"
