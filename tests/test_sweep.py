@@ -1,6 +1,7 @@
 """Sweeps through the real command line: Optuna studies that resume where they stopped, grids, the objective each
-run returns, wandb groups, bad sweeps; and re-launching a run from its run dir. The bad inputs run the same
-`python -m ...` in this process (tests/entry.py); one, an install without Optuna, needs a process of its own."""
+run returns, wandb groups, bad sweeps; and re-launching a run from its run dir. The commands run as `python -m ...`
+does but in this process (tests/entry.py: a new process costs seconds of imports before its first line); a sweep
+killed in the middle of a trial needs a process of its own."""
 
 import json
 import os
@@ -28,13 +29,11 @@ def preset_of(sweep: str) -> str:
     return {"digits_optuna": "digits_mlp"}.get(sweep, sweep.removesuffix("_optuna"))
 
 
-def cli(cwd, *args, module="experiments.run", check=True, env=None, **kw):
-    env = env or {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300, **kw)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
+def cli(cwd, *args, module="experiments.run") -> str:
+    """`python -m module args` run in this process, which must succeed; its stdout."""
+    code, out, err = run_main(module, list(args), cwd)
+    assert code == 0, err[-3000:]
+    return out
 
 
 def test_every_preset_has_a_sweep_example():
@@ -73,7 +72,8 @@ def test_optuna_sweep_resumes_where_it_stopped(tmp_path):
     for t, run in zip(first, sorted(find_runs(str(sweep_dir)), key=lambda r: int(os.path.basename(r.path)))):
         assert t.value == objective(run, "val.accuracy", "max")
 
-    # Killed in the middle of its third trial: the rerun runs only what is missing, in new job dirs.
+    # Killed in the middle of its third trial (a process of its own, to kill): the rerun runs only what is missing,
+    # in new job dirs. It runs in this process, as the first sweep did: each invocation counts the job dirs afresh.
     env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args, "sweep.trials=4",
                              "trainer.steps=400"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -114,13 +114,13 @@ def test_search_space_from_hydra_override_syntax():
 
 
 @pytest.mark.parametrize("case", ["no optuna", "bad sampler", "bad key"])
-def test_optuna_sweep_bad_input_fails_before_any_trial(tmp_path, case):
+def test_optuna_sweep_bad_input_fails_before_any_trial(tmp_path, monkeypatch, case):
     args = ["+exp=digits_mlp", "+sweep=digits_optuna", *TINY_MLP, "hydra.sweep.dir=sw"]
-    env = {}
-    if case == "no optuna":  # an install without the sweep extra
+    if case == "no optuna":  # an install without the sweep extra: `import optuna` finds this module and fails
         (tmp_path / "blocked").mkdir()
         (tmp_path / "blocked" / "optuna.py").write_text("raise ModuleNotFoundError(\"No module named 'optuna'\")")
-        env = {"PYTHONPATH": f"{tmp_path / 'blocked'}{os.pathsep}{ROOT}"}
+        monkeypatch.syspath_prepend(str(tmp_path / "blocked"))
+        monkeypatch.delitem(sys.modules, "optuna", raising=False)  # an earlier test's import; put back afterwards
     elif case == "bad sampler":
         args.append("hydra.sweeper.sampler=cma")
     else:  # a search space over a key the config lacks
@@ -130,11 +130,7 @@ def test_optuna_sweep_bad_input_fails_before_any_trial(tmp_path, case):
             "      optim.lrr: interval(0.1, 0.2)\n")
         args += ["+sweep=bad", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
         args.remove("+sweep=digits_optuna")
-    if case == "no optuna":  # a process whose import path hides Optuna
-        p = cli(tmp_path, *args, check=False, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, **env})
-        code, err = p.returncode, p.stderr
-    else:
-        code, _, err = run_main("experiments.run", args, tmp_path)
+    code, _, err = run_main("experiments.run", args, tmp_path)
     message = {"no optuna": "error: Bayesian sweeps (+sweep=...) need Optuna (No module named 'optuna'): "
                             "pip install -e \".[sweep]\"",
                "bad sampler": "error: hydra.sweeper.sampler='cma': must be one of ['tpe', 'random']",
@@ -153,9 +149,25 @@ def test_grid_sweep_groups_wandb_runs_and_reports(tmp_path):
                  if f.endswith(".wandb")]
         assert blobs and any(b"digits_mlp/sweep" in open(b, "rb").read() for b in blobs)
     out = cli(tmp_path, "sweep", module="experiments.report")
-    assert "report.md" in out.stdout
+    assert "report.md" in out
     table = open(tmp_path / "sweep" / "report.md").read()
     assert "max of val.accuracy" in table and "optim.lr" in table
+
+
+def test_two_sweeps_in_one_process_each_number_on_from_the_dirs_there(tmp_path):
+    """The job dir count (mlsys/sweep.py) is taken per sweep invocation: a second sweep into the same dir, in the
+    same process, continues after the first one's job dirs instead of reusing its count and writing over them."""
+    args = ["-m", "+exp=digits_mlp", *TINY_MLP]
+
+    def seeds(sweep_dir):
+        return {d: next(o for o in yaml.safe_load(open(tmp_path / sweep_dir / d / ".hydra" / "overrides.yaml"))
+                        if o.startswith("seed=")) for d in os.listdir(tmp_path / sweep_dir) if d.isdigit()}
+
+    cli(tmp_path, *args, "seed=0,1", "hydra.sweep.dir=sw")
+    cli(tmp_path, *args, "seed=2", "hydra.sweep.dir=other")  # another sweep dir in between counts on its own
+    cli(tmp_path, *args, "seed=3", "hydra.sweep.dir=sw")
+    assert seeds("sw") == {"0": "seed=0", "1": "seed=1", "2": "seed=3"}
+    assert seeds("other") == {"0": "seed=2"}
 
 
 def test_sweep_over_a_key_that_does_not_exist(tmp_path):
@@ -187,7 +199,7 @@ def test_rerun_from_the_run_dir_is_bit_identical(tmp_path):
     cli(tmp_path, "+exp=digits_mlp", *TINY_MLP, "optim.lr=5e-3", "hydra.run.dir=first")
     out = cli(tmp_path, "first", module="experiments.rerun")
     (again,) = [tmp_path / "runs" / "digits_mlp" / d for d in os.listdir(tmp_path / "runs" / "digits_mlp")]
-    assert str(os.path.relpath(again, tmp_path)) in out.stdout
+    assert str(os.path.relpath(again, tmp_path)) in out
 
     def losses(d):
         # every row with a loss (the "cost" row holds wall-clock figures, different in every run)
