@@ -134,9 +134,9 @@ def test_init_from_another_family_or_nothing(train_tiny, shared_run, tmp_path):
         validate(typed_cfg(["+exp=shakespeare_char_lora"]), n_devices=8)
 
 
-def test_lora_under_shard_map_on_fsdp_matches_one_device(train_tiny, tmp_path):
+def test_lora_under_shard_map_on_fsdp_matches_one_device(train_tiny, shared_run, tmp_path):
     """The frozen weights are fsdp-sliced like parameters: the shard_map step gathers them and never updates them."""
-    _, base_dir = train_tiny("shakespeare_char", "data.batch_size=8", run_dir=tmp_path / "base")
+    _, base_dir = shared_run("shakespeare_char")  # only read; its batch size is no matter
     runs = {}
     for name, extra in {"one": [], "fsdp": ["mesh=fsdp", "trainer.step=shard_map"]}.items():
         _, runs[name] = train_tiny("shakespeare_char_lora", f"trainer.init_from={base_dir}", "data.batch_size=8",
