@@ -22,6 +22,37 @@ def test_digits_splits_are_fixed_and_disjoint():
     assert 0.0 <= a.splits["train"].inputs.min() and a.splits["train"].inputs.max() <= 1.0
 
 
+def test_digits_read_without_sklearn_are_sklearns_digits():
+    """mlsys reads digits.csv.gz itself (importing sklearn costs seconds per process): same arrays, dtypes, order."""
+    from sklearn.datasets import load_digits
+
+    from mlsys.data.sources import split_rows
+
+    ref, cfg = load_digits(), DigitsConfig()
+    x, y = (ref.images / 16.0).astype(np.float32)[..., None], ref.target.astype(np.int32)
+    got = load(cfg, seed=0)
+    for name, rows in split_rows(len(x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed).items():
+        split = got.splits[name]
+        assert split.inputs.dtype == np.float32 and split.targets.dtype == np.int32
+        np.testing.assert_array_equal(split.inputs, x[rows])
+        np.testing.assert_array_equal(split.targets, y[rows])
+
+
+def test_digits_without_the_packaged_file_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+
+    from mlsys.data import sources
+
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(DataError, match=r"digits.csv.gz, not found at .*datasets/data/digits.csv.gz; install sci"):
+        sources.load_digits(DigitsConfig())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="but scikit-learn is not installed"):
+        sources.load_digits(DigitsConfig())
+
+
 def test_same_seed_same_batches_other_seed_other_batches():
     split = load(DigitsConfig(), 0).splits["train"]
     a, b, c = (take(train_iterator(split, 16, s), 3) for s in (0, 0, 1))

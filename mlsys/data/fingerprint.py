@@ -9,7 +9,6 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from importlib import resources
 
 import yaml
 
@@ -72,10 +71,10 @@ def _path_key(key: str) -> bool:
 def data_files(cfg) -> list[str]:
     """The files a data config reads: its path-valued keys that exist on disk (a shipped corpus resolved), and
     scikit-learn's own file for the digits."""
-    from mlsys.data.sources import resolve_path
+    from mlsys.data.sources import digits_file, resolve_path
 
     if cfg.name == "digits":
-        return [str(resources.files("sklearn.datasets") / "data" / "digits.csv.gz")]
+        return [digits_file()]
     found = []
     for key, value in asdict(cfg).items():
         if key in READING:  # where caches go is not what the data is
