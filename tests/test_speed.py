@@ -151,7 +151,7 @@ def test_second_launch_reuses_the_compilation_cache(tmp_path):
 
 
 def test_cpu_peak_is_measured_once_per_process():
-    """The ~100 GFLOP matmul that stands in for a CPU's peak runs once, not at the start of every run."""
+    """The ~13 GFLOP matmul that stands in for a CPU's peak runs once, not at the start of every run."""
     from mlsys.perf import measured_cpu_tflops, peak_tflops
 
     first, _ = peak_tflops("cpu")
