@@ -12,7 +12,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # tests start inherit them (none of them applies to `make run` or `make bench`):
 # - XLA's optimisation passes cost more than they save on the tests' tiny computations: a ResNet mesh test's
 #   compiles fell from 67 to 29 CPU-s. Numerics are compared with tolerances everywhere, and pass either way.
-_JAX_IMPORTED_EARLY = "jax" in sys.modules
+# (Modules import this file again as tests.conftest: by then the variable is set, and that import warns of nothing.)
+_JAX_IMPORTED_EARLY = "jax" in sys.modules and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # - XLA:CPU's fusion emitters compile each fusion through MLIR: a tiny GPT step's compile is 1.9 CPU-s with them and
 #   0.6 without, with bit-identical losses. (XLA aborts on a flag it does not know: recheck on a jaxlib upgrade.)
