@@ -1,13 +1,22 @@
 """One benchmark arm, alone in this process (so arms never share caches, threads or allocators); prints one JSON
-line. Run through benchmarks.run, which interleaves the arms and repeats them.
+line. Run through benchmarks.run, which interleaves the arms and repeats them, one process per arm.
 
     python -m benchmarks.arm --arm mlsys --size cpu --steps 100
+
+`--arm` given several times runs those arms one after another in this process, a JSON line each (`--steps` once
+for all, or once per arm, in order): the tests do this to pay the interpreter and import start-up once per group
+of arms rather than once per arm. Their timings are then not independent measurements (shared caches and
+allocators); measure with benchmarks.run.
+
+    python -m benchmarks.arm --size tiny --arm mlsys --steps 3 --arm loop --steps 8
 """
 
 import argparse
 import json
 import os
+import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -300,11 +309,17 @@ def arm_run(size: Size, steps: int, torch: bool) -> dict:
 
 
 NAMES = {"digits_mlp": "mlp", "digits_cnn": "cnn", "shakespeare_char": "gpt"}
+# The latency arms' models at the tiny size (the tests): the same three architectures, small enough that exporting,
+# quantizing and timing them takes seconds.
+TINY_LATENCY = {"digits_mlp": ["model.hidden=[32]"], "digits_cnn": ["model.channels=[4,8]", "model.hidden=16"],
+                "shakespeare_char": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
+                                     "data.seq_len=16"]}
 
 
-def arm_latency(runtime: str) -> dict:
+def arm_latency(size: Size, runtime: str) -> dict:
     """Inference latency (ms per call, each call waited for) of the digits MLP and CNN and the shakespeare GPT at
-    batch 1 and 64: jax.jit, or ONNX Runtime on the exported model (fp32 or INT8)."""
+    batch 1 and 64: jax.jit, or ONNX Runtime on the exported model (fp32 or INT8). At the tiny size, small models
+    of the same three kinds and fewer timed calls."""
     import tempfile
 
     import jax
@@ -317,10 +332,12 @@ def arm_latency(runtime: str) -> dict:
     from mlsys.models import build_model, family_of
 
     register()
+    tiny = size == SIZES["tiny"]
     out = {}
     for exp in ("digits_mlp", "digits_cnn", "shakespeare_char"):
+        overrides = [f"+exp={exp}", *(TINY_LATENCY[exp] if tiny else [])]
         with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-            cfg = to_typed(compose(config_name="config", overrides=[f"+exp={exp}"]))
+            cfg = to_typed(compose(config_name="config", overrides=overrides))
         spec = load(cfg.data, 0).spec
         model = export_view(build_model(cfg.model, spec, nnx.Rngs(0)))
         if runtime != "jax":
@@ -336,9 +353,9 @@ def arm_latency(runtime: str) -> dict:
             shape = (batch, *spec.input_shape)
             x = np.zeros(shape, np.int32) if spec.task == "lm" else np.random.rand(*shape).astype(np.float32)
             call = (lambda: fn(x).block_until_ready()) if runtime == "jax" else (lambda: ort_run(sess, x))
-            for _ in range(5):
+            for _ in range(2 if tiny else 5):
                 call()
-            n = 200 if batch == 1 else 30
+            n = (200 if batch == 1 else 30) // (10 if tiny else 1)
             t0 = time.perf_counter()
             for _ in range(n):
                 call()
@@ -357,9 +374,9 @@ ARMS = {
     "loop-bare": arm_loop_bare,
     "run-mlsys": lambda s, n: arm_run(s, n, torch=False),
     "run-torch": lambda s, n: arm_run(s, n, torch=True),
-    "latency-jax": lambda s, n: arm_latency("jax"),
-    "latency-ort": lambda s, n: arm_latency("ort"),
-    "latency-ort-int8": lambda s, n: arm_latency("ort-int8"),
+    "latency-jax": lambda s, n: arm_latency(s, "jax"),
+    "latency-ort": lambda s, n: arm_latency(s, "ort"),
+    "latency-ort-int8": lambda s, n: arm_latency(s, "ort-int8"),
     "compile-scan": lambda s, n: lm.arm_compile(s, scan=True),
     "compile-unrolled": lambda s, n: lm.arm_compile(s, scan=False),
     "decode-cached": lambda s, n: lm.arm_decode(s, cached=True),
@@ -367,14 +384,60 @@ ARMS = {
     "decode-ort": lambda s, n: lm.arm_decode_ort(s),
 }
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--arm", choices=sorted(ARMS), required=True)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--steps", type=int, default=100)
-    a = p.parse_args()
-    size = SIZES[a.size]
-    out = {"arm": a.arm, "size": a.size, **ARMS[a.arm](size, a.steps), **CPU_MS, "load_avg": os.getloadavg()[0]}
+
+def run_one(arm: str, size_name: str, steps: int) -> dict:
+    """One arm's JSON line (as a process of its own prints it). Process-wide state an arm may leave behind is put
+    back, so that a later arm in the same process starts as it would alone: the environment, jax's configuration
+    (when jax is already imported), and the CPU time noted by timed() (an arm that does not call it must not report
+    the last one's). Threads are not: keep arms that change them (torch's pools) last or in their own process."""
+    size = SIZES[size_name]
+    env = dict(os.environ)
+    jax_cfg = dict(sys.modules["jax"].config.values) if "jax" in sys.modules else None
+    CPU_MS.clear()
+    try:
+        out = {"arm": arm, "size": size_name, **ARMS[arm](size, steps), **CPU_MS, "load_avg": os.getloadavg()[0]}
+    finally:
+        CPU_MS.clear()
+        os.environ.clear()
+        os.environ.update(env)
+        if jax_cfg is not None:
+            config = sys.modules["jax"].config
+            for name, value in jax_cfg.items():
+                if config.values.get(name) != value:
+                    config.update(name, value)
     if "latency_ms" not in out and "tokens_per_s" not in out:  # training arms: tokens of one step
         out["tokens_per_s"] = size.batch * size.seq_len / (out["ms_per_step"] / 1e3)
-    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", choices=sorted(ARMS), required=True, action="append",
+                   help="the arm to run; several: run them one after another, a JSON line each")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--steps", type=int, action="append", help="steps per repeat (default 100): once for every arm, "
+                   "or once per --arm, in the same order")
+    a = p.parse_args(argv)
+    steps = a.steps or [100]
+    if len(steps) not in (1, len(a.arm)):
+        p.error(f"--steps given {len(steps)} times for {len(a.arm)} arms: give it once, or once per --arm")
+    steps = steps * len(a.arm) if len(steps) == 1 else steps
+    if len(a.arm) > 1:  # imported before the first arm, so that run_one can put back what any arm changes in it
+        import jax  # noqa: F401
+    failed = []
+    for arm, n in zip(a.arm, steps):
+        try:
+            print(json.dumps(run_one(arm, a.size, n)), flush=True)
+        except (Exception, SystemExit) as e:  # the next arms still run; this one has no line and the exit is 1
+            if len(a.arm) == 1:
+                raise
+            print(f"arm {arm} failed:", file=sys.stderr)
+            traceback.print_exception(e, file=sys.stderr)
+            failed.append(arm)
+    if failed:
+        print(f"failed arms: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

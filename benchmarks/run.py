@@ -45,11 +45,11 @@ SUITES = {
                "256 new tokens after a 64-token prompt, batch 1, shakespeare_char's GPT with block 320; goal: the KV "
                "cache >= 5x the tokens/s of the uncached sampler (which recomputes the window for every token); "
                "decode-ort: the export's decoder.onnx (ONNX Runtime, greedy, from numpy)"),
-    # steps = measured seconds per concurrency level (0: serve_load's default)
+    # steps = measured seconds per concurrency level (0: serve_load's default, 5 s; 0.25 s at the tiny size)
     "serve": (["serve-batched", "serve-unbatched"], "cpu", 0, "serve-unbatched",
               "model server load test on loopback, digits MLP; goals at concurrency 64: dynamic batching >= 4x the "
               "throughput of max_batch=1, p99 <= 50 ms, zero errors"),
-    # steps = measured seconds per concurrency level (0: completion_load's default)
+    # steps = measured seconds per concurrency level (0: completion_load's default, 5 s; 0.25 s at the tiny size)
     "serve_lm": (["lm-continuous", "lm-sequential"], "cpu", 0, "lm-sequential",
                  "/v1/completions load test on loopback, shakespeare_bpe_llama's model (4 layers, d=128, context 64, "
                  "BPE 1,024), streamed, prompts of 16 characters, 32 new tokens each; goal at concurrency 16: "
@@ -57,11 +57,13 @@ SUITES = {
 }
 
 
-def run_arm(arm: str, size: str, steps: int, env: dict) -> dict:
+def run_arm(arm: str, size: str, steps: float, env: dict) -> dict:
     module = ("benchmarks.serve_load" if arm.startswith("serve") else  # a server + its client
               "benchmarks.completion_load" if arm.startswith("lm-") else
               "benchmarks.tokenize" if arm.startswith("tokenize") else "benchmarks.arm")
-    cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps", str(steps)]
+    # A fraction only means something to the load tests (seconds); the other arms take whole steps.
+    cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps",
+           str(int(steps)) if steps == int(steps) else str(steps)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
@@ -126,7 +128,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="append", choices=sorted(SUITES))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=0, help="override every suite's steps per repeat")
+    p.add_argument("--steps", type=float, default=0, help="override every suite's steps per repeat (the load "
+                   "suites: seconds per concurrency level, a fraction allowed)")
     p.add_argument("--size", default="", help="override every suite's model size (see benchmarks/sizes.py)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     a = p.parse_args()

@@ -29,6 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"serve-batched": ["serve.max_batch=64", "serve.max_delay_ms=10"], "serve-unbatched": ["serve.max_batch=1"]}
 CONCURRENCY = (1, 16, 64)
+TINY_SECONDS = 0.25  # per concurrency level at the tiny size: the tests check that the harness works, not speed
 KEY = "bench-key"
 
 
@@ -199,7 +200,10 @@ def load_table(suite: str, rows: dict, ref: str, note: str) -> str:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arm", choices=sorted(ARMS), required=True)
-    p.add_argument("--steps", type=float, default=0, help="measured seconds per concurrency level (0: 5)")
-    p.add_argument("--size", default="cpu", help="tiny: a 16-unit MLP trained 20 steps (for the tests)")
+    p.add_argument("--steps", type=float, default=0, help="measured seconds per concurrency level (0: 5; at the "
+                   "tiny size 0.25)")
+    p.add_argument("--size", default="cpu", help="tiny: a 16-unit MLP trained 20 steps, 0.25 s per concurrency "
+                   "level unless --steps says otherwise (for the tests)")
     a = p.parse_args()
-    print(json.dumps(run_arm(a.arm, a.steps or 5.0, a.size == "tiny")), flush=True)
+    tiny = a.size == "tiny"
+    print(json.dumps(run_arm(a.arm, a.steps or (TINY_SECONDS if tiny else 5.0), tiny)), flush=True)

@@ -419,7 +419,7 @@ def test_serve_load_suite_runs_both_arms(exports, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "MLSYS_BENCH_SERVE_MODEL": exports["mlp"]}
     env.pop("XLA_FLAGS", None)
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "serve", "--repeats", "1", "--steps",
-                          "1", "--size", "tiny", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          "0.25", "--size", "tiny", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "latest.md").read_text()
