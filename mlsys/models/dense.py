@@ -1,16 +1,17 @@
-"""Linear-layer arithmetic arranged for XLA:CPU's fast matmul library, with unchanged results.
+"""Linear-layer arithmetic arranged for XLA:CPU's matmuls, with unchanged results.
 
-XLA:CPU sends a float32 dot to its fast library (YNNPACK) only when the left operand is not transposed. A linear
-layer's weight gradient, autodiff's dW = Xᵀ·dY, contracts the left operand along its first axis, so every weight
-gradient of a training step falls back to the slower generic kernel (with transposing copies in front).
-`dot_general` below computes dW from an explicitly transposed X instead: the transpose is one copy, the product a
-plain (fast) matmul. Forward values and dX are what `jax.lax.dot_general` gives; dW is the same sum.
+A linear layer's weight gradient, autodiff's dW = Xᵀ·dY, contracts X (B, T, I) with dY (B, T, O) over two axes
+at once, which XLA:CPU runs as a slow generic contraction (shakespeare_char's step ~1.4x slower). `matmul` below
+flattens the tokens first and computes dW as one two-dimensional product contracting the token axis
+(`dot_general` with lhs_contracting_dims=(0,)), which XLA:CPU hands to its GEMM with the transpose folded into the
+packing. An earlier arrangement materialised Xᵀ and multiplied row-major (YNNPACK's fast path): on the AMD EPYC
+(Zen 5) machines that run `make bench`, the transposing copies cost more than they saved (the nanoGPT-size step
+24.8 → 21.2 ms, CPU 41.4 → 36.9 ms; benchmarks/RESULTS.md). Forward values and dX are what `jax.lax.dot_general`
+gives; dW is the same sum.
 
 `gelu` is the exact (erf) GELU in the erf form PyTorch uses; JAX's own exact GELU goes through erfc, which
 XLA:CPU expands into a long, slow elementwise chain (about a tenth of the CPU training step of shakespeare_char).
 """
-
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def gelu(x):
 
 @jax.custom_vjp
 def matmul(x, kernel):
-    """x (..., I) @ kernel (I, O), its weight gradient a plain matmul of Xᵀ (see the module docstring)."""
+    """x (..., I) @ kernel (I, O), its weight gradient one 2-D product over the tokens (see the module docstring)."""
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -38,9 +39,7 @@ def _matmul_bwd(res, dy):
     x, kernel = res
     dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    # The barrier keeps XLA from folding the transpose back into the dot (which would make the left operand a
-    # transposed one again): Xᵀ is materialised once and the product is a plain row-major matmul.
-    dk = jax.lax.dot_general(jax.lax.optimization_barrier(x2.T), dy2, (((1,), (0,)), ((), ())))
+    dk = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))  # Σ over tokens of x ⊗ dy: (I, O)
     return dx, dk.astype(kernel.dtype)
 
 

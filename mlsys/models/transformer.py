@@ -12,14 +12,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from mlsys.models import dense
+from mlsys.models import attention, dense
 from mlsys.models.common import dense_init, dtype_of
 from mlsys.parallel import constrain
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layer", "rms")
 MLPS = ("gelu", "swiglu")
-ATTENTION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}  # jax.nn.dot_product_attention implementations
+# jax.nn.dot_product_attention implementations. "auto" is JAX's choice, except for the plain causal attention of
+# training on a CPU backend: mlsys.models.attention there (the same values, a cheaper backward pass).
+ATTENTION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 # Rematerialisation per block: what the backward pass may keep from the forward instead of recomputing.
 REMAT = {
     "none": None,
@@ -170,7 +172,7 @@ class Past(NamedTuple):
 
 def linear(cfg: TransformerConfig, d_in: int, d_out: int, names: tuple, std: float, rngs: nnx.Rngs,
            bias: bool | None = None) -> nnx.Linear:
-    # dense.dot_general: the weight gradient as a plain matmul (XLA:CPU's fast path; same values).
+    # dense.dot_general: the weight gradient as one 2-D matmul over the tokens (XLA:CPU's fast path; same values).
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias, dtype=dtype_of(cfg.dtype),
                       param_dtype=dtype_of(cfg.param_dtype), kernel_init=dense_init(names, std), rngs=rngs,
                       dot_general=dense.dot_general)
@@ -227,7 +229,9 @@ class Attention(nnx.Module):
             # its broadcast lowers to an ONNX Expand that a symbolic length breaks)
             k, v = (jnp.stack([a] * (h // kv), axis=3).reshape(b, a.shape[1], h, hd) for a in (k, v))
         # B T H Dh; the attention logits and their softmax are computed in float32 whatever the compute dtype.
-        if mask is None:
+        if mask is None and self.implementation is None and jax.default_backend() == "cpu":
+            y = attention.causal(q, k, v)
+        elif mask is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         else:
             y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
