@@ -35,6 +35,21 @@ def test_each_preset_trains_end_to_end(train_tiny, shared_run, exp):
         assert json.load(open(os.path.join(run_dir, "vocab.json")))["level"] == "char"
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_end_of_run_sample_uses_the_cache_only_when_long(train_tiny, monkeypatch, cached):
+    """A short end-of-run sample (sample length x block under loop.UNCACHED_SAMPLE_TOKENS) is drawn without the KV
+    cache, which compiles one small graph; a long one with it. Either way the run prints a sample of that length."""
+    from mlsys import generate
+    from mlsys.train import loop
+
+    used = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, **kw: used.append(kw["cached"]) or real(*a, **kw))
+    monkeypatch.setattr(loop, "UNCACHED_SAMPLE_TOKENS", 0 if cached else 10**9)
+    results, _ = train_tiny("shakespeare_char", "trainer.steps=2", "data.eval_batches=1")
+    assert used == [cached] and len(results["sample"]) == 20
+
+
 def test_training_lowers_the_loss(train_tiny):
     results, run_dir = train_tiny("digits_mlp", "trainer.steps=100", "trainer.log_every=20",
                                   "optim.warmup_steps=10", "model.hidden=[128]")
