@@ -334,6 +334,7 @@ def arm_latency(size: Size, runtime: str) -> dict:
     register()
     tiny = size == SIZES["tiny"]
     out = {}
+    exports = tempfile.TemporaryDirectory()  # every exported model of this arm, removed when it returns
     for exp in ("digits_mlp", "digits_cnn", "shakespeare_char"):
         overrides = [f"+exp={exp}", *(TINY_LATENCY[exp] if tiny else [])]
         with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
@@ -341,7 +342,8 @@ def arm_latency(size: Size, runtime: str) -> dict:
         spec = load(cfg.data, 0).spec
         model = export_view(build_model(cfg.model, spec, nnx.Rngs(0)))
         if runtime != "jax":
-            tmp = tempfile.mkdtemp()
+            tmp = os.path.join(exports.name, exp)
+            os.makedirs(tmp)
             path = os.path.join(tmp, "model.onnx")
             to_onnx(model, spec, path, family_of(cfg.model).max_len(cfg.model))
             if runtime == "ort-int8":
@@ -360,6 +362,7 @@ def arm_latency(size: Size, runtime: str) -> dict:
             for _ in range(n):
                 call()
             out[f"{NAMES[exp]}@{batch}"] = 1e3 * (time.perf_counter() - t0) / n
+    exports.cleanup()
     return {"latency_ms": out, "ms_per_step": out["mlp@1"], "compile_s": 0.0}
 
 

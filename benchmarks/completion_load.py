@@ -25,13 +25,12 @@ import time
 
 import numpy as np
 
-from benchmarks.serve_load import KEY, closed_loop, start_server
+from benchmarks.serve_load import KEY, TINY_SECONDS, closed_loop, start_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"lm-continuous": ["serve.max_batch=64", "serve.max_queue=256"],
         "lm-sequential": ["serve.max_batch=1", "serve.max_queue=256"]}
 CONCURRENCY = (1, 16, 64)
-TINY_SECONDS = 0.25  # per concurrency level at the tiny size: the tests check that the harness works, not speed
 
 
 def export_dir() -> str:

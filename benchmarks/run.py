@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,23 @@ SUITES = {
 }
 
 
+ARM_TIMEOUT_S = 900
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> tuple[int | None, str, str]:
+    """Run `cmd` in a process group of its own; past `timeout` seconds kill the whole group (an arm's server or
+    training run too, not only the arm) and return None as the exit code. Returns (code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr
+
+
 def run_arm(arm: str, size: str, steps: float, env: dict) -> dict:
     module = ("benchmarks.serve_load" if arm.startswith("serve") else  # a server + its client
               "benchmarks.completion_load" if arm.startswith("lm-") else
@@ -64,10 +82,12 @@ def run_arm(arm: str, size: str, steps: float, env: dict) -> dict:
     # A fraction only means something to the load tests (seconds); the other arms take whole steps.
     cmd = [sys.executable, "-m", module, "--arm", arm, "--size", size, "--steps",
            str(int(steps)) if steps == int(steps) else str(steps)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode:
-        raise SystemExit(f"arm {arm} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    code, stdout, stderr = run_group(cmd, ARM_TIMEOUT_S, cwd=ROOT, env=env)
+    if code is None:
+        raise SystemExit(f"arm {arm} ran past {ARM_TIMEOUT_S} s: it and the processes it started were killed")
+    if code:
+        raise SystemExit(f"arm {arm} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def latency_table(suite: str, rows: dict, ref: str, note: str) -> str:

@@ -137,6 +137,30 @@ def test_suite_runner_writes_medians_and_ratios(tmp_path):
     assert len(json.loads((tmp_path / "pipeline.json").read_text())["repeats"]["mlsys"]) == 2
 
 
+def test_a_timed_out_arm_is_killed_with_what_it_started(tmp_path):
+    """benchmarks.run kills an arm past its time limit together with its children (a server, a training run),
+    which would otherwise run on and skew every later arm."""
+    import time
+
+    from benchmarks.run import run_group
+
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+              f"time.sleep(60)")
+    t0 = time.perf_counter()
+    code, stdout, _ = run_group([sys.executable, "-c", script], timeout=3)
+    assert code is None and "started" in stdout and time.perf_counter() - t0 < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is sent; the child's exit is seen a moment later
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the arm's child {child} survived the arm's timeout")
+    assert run_group([sys.executable, "-c", "print('ok')"], timeout=30) == (0, "ok\n", "")
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
     env = {**ENV, "SIZE": "tiny", "REPEATS": "1", "STEPS": "2", "PY": sys.executable, "OUT": str(tmp_path)}
