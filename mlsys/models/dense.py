@@ -3,8 +3,8 @@
 A linear layer's weight gradient, autodiff's dW = Xᵀ·dY, contracts X (B, T, I) with dY (B, T, O) over two axes
 at once, which XLA:CPU runs as a slow generic contraction (shakespeare_char's step ~1.4x slower). `matmul` below
 flattens the tokens first and computes dW as one two-dimensional product contracting the token axis
-(`dot_general` with lhs_contracting_dims=(0,)), which XLA:CPU hands to its GEMM with the transpose folded into the
-packing. An earlier arrangement materialised Xᵀ and multiplied row-major (YNNPACK's fast path): on the AMD EPYC
+(`dot_general` with lhs_contracting_dims=(0,)), which XLA:CPU runs as one GEMM on the transposed operand, with no
+copy in front. An earlier arrangement materialised Xᵀ and multiplied row-major (YNNPACK's fast path): on the AMD EPYC
 (Zen 5) machines that run `make bench`, the transposing copies cost more than they saved (the nanoGPT-size step
 24.8 → 21.2 ms, CPU 41.4 → 36.9 ms; benchmarks/RESULTS.md). Forward values and dX are what `jax.lax.dot_general`
 gives; dW is the same sum.
