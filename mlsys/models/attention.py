@@ -4,7 +4,7 @@ Forward values are jax.nn.dot_product_attention's (logits and softmax in float32
 large negative number). The backward is FlashAttention's: the softmax gradient needs each query's Σ_k dP·P, which
 autodiff takes as a reduction over the (B, H, T, T) probabilities; the same number is Σ_d dO·O, a reduction over
 the head dimension of the (B, T, H, D) output. On XLA:CPU that reduction over the key axis was the step's costliest
-elementwise work (4 thunks, ~13% of shakespeare_char's step): with it gone the step runs ~15% faster
+elementwise work (4 thunks, ~13% of shakespeare_char's step): with it gone the step runs ~12% faster
 (benchmarks/RESULTS.md). `model.attention=xla` keeps JAX's own attention.
 """
 
